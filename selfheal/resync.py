@@ -1,0 +1,440 @@
+"""
+Resync: move a sequence past its table's keys, never backwards.
+
+"Read max(id), then setval()" is racy: other sessions keep calling nextval()
+between the read and the write, so a stale target can move the sequence
+backwards and hand out ids already in use. selfheal instead:
+
+- serializes healers of one sequence on an advisory lock (bounded by
+  lock_timeout, so it cannot deadlock with a caller's transaction);
+- advances small gaps by drawing values with nextval(), which is monotonic by
+  construction whatever other sessions do;
+- advances large gaps with one setval() guarded to act only while the
+  sequence is still short of the target: a concurrent writer would have to
+  draw the whole gap inside that one statement to be overtaken.
+
+All work happens inside a transaction or savepoint that is rolled back at the
+end: sequence changes are not transactional and survive it, while the
+caller's transaction, settings and locks are left as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from . import errors
+from ._drive import Batch, FreshQuery, Operation, Query, arun, run
+from .discover import TableInfo, describe, list_tables
+
+__all__ = [
+    "DRAW_LIMIT",
+    "ResyncResult",
+    "SequenceStatus",
+    "acheck",
+    "aresync",
+    "check",
+    "resync",
+]
+
+#: Gaps up to this many values are closed by drawing them with nextval();
+#: larger ones by a guarded setval(). Drawing runs at millions of values a
+#: second, so this bound keeps a heal within a few milliseconds.
+DRAW_LIMIT = 10_000
+
+#: Default bound, in seconds, on lock waits during a resync.
+LOCK_TIMEOUT = 2.0
+
+#: Default bound, in seconds, on any one statement of a resync.
+STATEMENT_TIMEOUT = 10.0
+
+# Advisory locks of selfheal live in their own key space: this prefix in the
+# high 32 bits, the sequence's oid in the low 32.
+_LOCK_SPACE = 0x5E1F
+
+
+@dataclass(frozen=True)
+class ResyncResult:
+    """What a resync did. `before`/`after` are what the next nextval() returns."""
+
+    schema: str
+    table: str
+    column: str
+    sequence: str
+    before: int
+    after: int
+    #: "nextval" (values drawn), "setval" (guarded jump) or "none".
+    method: str = "none"
+    #: The highest key (lowest for a descending sequence), None for an empty table.
+    key_value: int | None = None
+
+    @property
+    def changed(self) -> bool:
+        """True when this call moved the sequence."""
+        return self.method != "none"
+
+
+@dataclass(frozen=True)
+class SequenceStatus:
+    """One sequence-backed primary key as `check` found it."""
+
+    schema: str
+    table: str
+    column: str
+    sequence: str
+    #: The highest key in the table, None when it is empty.
+    max_value: int | None
+    #: The lowest key in the table, None when it is empty.
+    min_value: int | None
+    #: What the next nextval() would return.
+    next_value: int
+    #: The sequence's increment (negative for a descending sequence).
+    increment: int
+
+    @property
+    def in_sync(self) -> bool:
+        """True when the next value lies past every existing key."""
+        if self.max_value is None or self.min_value is None:
+            return True
+        if self.increment > 0:
+            return self.next_value > self.max_value
+        return self.next_value < self.min_value
+
+    def as_dict(self) -> dict[str, Any]:
+        """The status as plain data, `in_sync` included (for JSON output)."""
+        return {
+            "schema": self.schema,
+            "table": self.table,
+            "column": self.column,
+            "sequence": self.sequence,
+            "max_value": self.max_value,
+            "min_value": self.min_value,
+            "next_value": self.next_value,
+            "increment": self.increment,
+            "in_sync": self.in_sync,
+        }
+
+
+# -- arithmetic (pure) --------------------------------------------------------
+
+
+def next_value(last_value: int, is_called: bool, increment: int) -> int:
+    """What nextval() returns next, from a sequence's ``last_value``/``is_called``."""
+    return last_value + increment if is_called else last_value
+
+
+def target_value(next_val: int, increment: int, key_value: int | None) -> int | None:
+    """The first value on the sequence's stride past `key_value`, or None if already past.
+
+    Staying on the stride (next_val + k * increment) keeps interleaved
+    sequences (increment 5 with different starts) from meeting each other.
+    """
+    if key_value is None:
+        return None
+    step = abs(increment)
+    # Work in the direction of the sequence: "past" is above for ascending.
+    ahead = (key_value - next_val) if increment > 0 else (next_val - key_value)
+    if ahead < 0:
+        return None
+    draws = ahead // step + 1
+    return next_val + draws * increment
+
+
+# -- the operation (I/O-free) --------------------------------------------------
+
+
+def _scope(status: TransactionStatus, autocommit: bool) -> tuple[list[str], list[str]]:
+    """Statements that open and close a throw-away scope on the caller's connection."""
+    if status == TransactionStatus.INTRANS:
+        return (["SAVEPOINT _selfheal_resync"], ["ROLLBACK TO SAVEPOINT _selfheal_resync",
+                                                 "RELEASE SAVEPOINT _selfheal_resync"])
+    if status != TransactionStatus.IDLE:
+        raise errors.ResyncError(
+            "cannot resync on a connection whose transaction has failed; roll it back first"
+        )
+    # A non-autocommit connection opens the transaction by itself.
+    return (["BEGIN"] if autocommit else [], ["ROLLBACK"])
+
+
+def _bounds(lock_timeout: float, statement_timeout: float) -> Query:
+    return Query(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms"),
+    )
+
+
+def _key_extremes(info: TableInfo) -> sql.Composed:
+    return sql.SQL("SELECT max({col}), min({col}) FROM {tbl}").format(
+        col=sql.Identifier(info.column), tbl=info.table_ident
+    )
+
+
+def _seq_state(info: TableInfo) -> Query:
+    return Query(
+        sql.SQL(
+            "SELECT last_value, is_called, current_setting('transaction_isolation') FROM {}"
+        ).format(info.sequence_ident)
+    )
+
+
+def _lock_key(info: TableInfo) -> int:
+    key = (_LOCK_SPACE << 32) | info.sequence_oid
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _resync_op(
+    info: TableInfo,
+    status: TransactionStatus,
+    autocommit: bool,
+    lock_timeout: float = LOCK_TIMEOUT,
+    statement_timeout: float = STATEMENT_TIMEOUT,
+    draw_limit: int = DRAW_LIMIT,
+) -> Operation[ResyncResult]:
+    opening, closing = _scope(status, autocommit)
+    for stmt in opening:
+        yield Query(stmt)
+    try:
+        yield _bounds(lock_timeout, statement_timeout)
+        yield Query("SELECT pg_advisory_xact_lock(%s)", (_lock_key(info),))
+        (key_max, key_min), = yield Query(_key_extremes(info))
+        (last, called, isolation), = yield _seq_state(info)
+        if status == TransactionStatus.INTRANS and isolation != "read committed":
+            # The caller's snapshot predates rows committed since; also look
+            # at them from a fresh one, and keep the caller's own rows too.
+            (fmax, fmin), = yield FreshQuery(
+                Query(_key_extremes(info)),
+                {"lock_timeout": f"{int(lock_timeout * 1000)}ms"},
+            )
+            key_max = _pick(max, key_max, fmax)
+            key_min = _pick(min, key_min, fmin)
+        key = key_max if info.increment > 0 else key_min
+        before = next_value(last, called, info.increment)
+        target = target_value(before, info.increment, key)
+        method = "none"
+        if target is not None:
+            if not info.min_value <= target <= info.max_value:
+                raise errors.SequenceExhausted(
+                    f"sequence {info.sequence} cannot move past key {key} of"
+                    f" {info.qualified_table}: the next value {target} is beyond its"
+                    f" {'MAXVALUE' if info.increment > 0 else 'MINVALUE'}"
+                )
+            draws = (target - before) // info.increment
+            if draws <= draw_limit:
+                method = "nextval"
+                yield Query(
+                    sql.SQL("SELECT max(nextval({}::oid::regclass)) FROM generate_series(1, %s)")
+                    .format(sql.Literal(info.sequence_oid)),
+                    (draws,),
+                )
+            else:
+                method = "setval"
+                yield _guarded_setval(info, target)
+        (last, called, _), = yield _seq_state(info)
+        after = next_value(last, called, info.increment)
+    except psycopg.Error as ex:
+        yield from _close(closing)
+        raise _translate(ex, info) from ex
+    except errors.SelfhealError:
+        yield from _close(closing)
+        raise
+    yield from _close(closing)
+    return ResyncResult(
+        schema=info.schema,
+        table=info.table,
+        column=info.column,
+        sequence=info.sequence,
+        before=before,
+        after=after,
+        method=method,
+        key_value=key,
+    )
+
+
+def _close(closing: list[str]) -> Operation[None]:
+    """Close a scope; the error that brought us here matters more than this one."""
+    for stmt in closing:
+        try:
+            yield Query(stmt)
+        except psycopg.Error:
+            return
+
+
+def _pick(fn: Any, a: int | None, b: int | None) -> int | None:
+    vals = [v for v in (a, b) if v is not None]
+    return fn(vals) if vals else None
+
+
+def _guarded_setval(info: TableInfo, target: int) -> Query:
+    # Acts only while the sequence is short of the target, in one statement.
+    short = ">" if info.increment > 0 else "<"
+    return Query(
+        sql.SQL(
+            "SELECT setval({oid}::oid::regclass, %(t)s, false) FROM {seq}"
+            " WHERE %(t)s {short} (CASE WHEN is_called THEN last_value + %(inc)s"
+            " ELSE last_value END)"
+        ).format(oid=sql.Literal(info.sequence_oid), seq=info.sequence_ident, short=sql.SQL(short)),
+        {"t": target, "inc": info.increment},
+    )
+
+
+def _translate(ex: psycopg.Error, info: TableInfo) -> errors.SelfhealError:
+    where = f"{info.qualified_table} (sequence {info.sequence})"
+    state = ex.sqlstate
+    detail = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+    if isinstance(ex, pgerrors.LockNotAvailable):
+        return errors.LockTimeout(f"lock wait timed out while resyncing {where}", sqlstate=state)
+    if isinstance(ex, pgerrors.InsufficientPrivilege):
+        return errors.PermissionDenied(
+            f"permission denied resyncing {where}: {detail}; selfheal needs SELECT on the"
+            " key column, and SELECT and UPDATE on the sequence",
+            sqlstate=state,
+        )
+    if isinstance(ex, pgerrors.ReadOnlySqlTransaction):
+        return errors.ReadOnly(f"cannot resync {where} on a read-only server or transaction",
+                               sqlstate=state)
+    if isinstance(ex, pgerrors.SequenceGeneratorLimitExceeded):
+        return errors.SequenceExhausted(f"sequence {info.sequence} reached its limit: {detail}")
+    return errors.ResyncError(f"resync of {where} failed: {detail}", sqlstate=state)
+
+
+def _resync_named(
+    table: str,
+    schema: str | None,
+    status: TransactionStatus,
+    autocommit: bool,
+    lock_timeout: float,
+) -> Operation[ResyncResult]:
+    try:
+        info = yield from describe(table, schema)
+    except psycopg.Error as ex:
+        raise errors.ResyncError(f"cannot look up table {table!r}: {ex}", sqlstate=ex.sqlstate
+                                 ) from ex
+    return (yield from _resync_op(info, status, autocommit, lock_timeout))
+
+
+def _check_op(
+    status: TransactionStatus,
+    autocommit: bool,
+    schemas: list[str] | None,
+    tables: list[str] | None,
+    chunk: int = 500,
+) -> Operation[list[SequenceStatus]]:
+    opening, closing = _scope(status, autocommit)
+    for stmt in opening:
+        yield Query(stmt)
+    try:
+        infos = yield from list_tables(schemas, tables)
+        batches: list[Query] = []
+        for start in range(0, len(infos), chunk):
+            parts = [
+                sql.SQL(
+                    "SELECT {i}, (SELECT max({col}) FROM {tbl}), (SELECT min({col}) FROM {tbl}),"
+                    " s.last_value, s.is_called FROM {seq} s"
+                ).format(
+                    i=sql.Literal(start + i),
+                    col=sql.Identifier(info.column),
+                    tbl=info.table_ident,
+                    seq=info.sequence_ident,
+                )
+                for i, info in enumerate(infos[start : start + chunk])
+            ]
+            batches.append(Query(sql.SQL(" UNION ALL ").join(parts)))
+        results: list[Any] = []
+        if len(batches) == 1:
+            results = [(yield batches[0])]
+        elif batches:
+            results = yield Batch(batches)
+    finally:
+        yield from _close(closing)
+    found: list[SequenceStatus] = []
+    for rows in results:
+        for i, key_max, key_min, last, called in rows:
+            info = infos[i]
+            found.append(
+                SequenceStatus(
+                    schema=info.schema,
+                    table=info.table,
+                    column=info.column,
+                    sequence=info.sequence,
+                    max_value=key_max,
+                    min_value=key_min,
+                    next_value=next_value(last, called, info.increment),
+                    increment=info.increment,
+                )
+            )
+    found.sort(key=lambda s: (s.schema, s.table))
+    return found
+
+
+# -- public API -----------------------------------------------------------------
+
+
+def resync(
+    conn: psycopg.Connection[Any],
+    table: str,
+    schema: str | None = None,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> ResyncResult:
+    """Move `table`'s key sequence past its highest key; never backwards.
+
+    `schema` None resolves `table` through the connection's search_path; a
+    partition resolves to its partitioned root. Works in autocommit, in an
+    idle connection and inside a caller's transaction (in a savepoint, leaving
+    the transaction as it was). Raises a `selfheal.errors.SelfhealError`.
+    """
+    op = _resync_named(table, schema, conn.info.transaction_status, conn.autocommit,
+                       lock_timeout)
+    return run(conn, op)
+
+
+async def aresync(
+    aconn: psycopg.AsyncConnection[Any],
+    table: str,
+    schema: str | None = None,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> ResyncResult:
+    """The async twin of `resync`."""
+    op = _resync_named(table, schema, aconn.info.transaction_status, aconn.autocommit,
+                       lock_timeout)
+    return await arun(aconn, op)
+
+
+def check(
+    conn: psycopg.Connection[Any],
+    schema: str | None = None,
+    *,
+    tables: list[str] | None = None,
+) -> list[SequenceStatus]:
+    """Report every sequence-backed primary key in the database (or `schema`).
+
+    `schema` may be a LIKE pattern (``tenant_%``). Costs a constant number of
+    round trips whatever the number of tables. Moves nothing.
+    """
+    op = _check_op(conn.info.transaction_status, conn.autocommit,
+                   [schema] if schema else None, tables)
+    try:
+        return run(conn, op)
+    except psycopg.Error as ex:
+        raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
+
+
+async def acheck(
+    aconn: psycopg.AsyncConnection[Any],
+    schema: str | None = None,
+    *,
+    tables: list[str] | None = None,
+) -> list[SequenceStatus]:
+    """The async twin of `check`."""
+    op = _check_op(aconn.info.transaction_status, aconn.autocommit,
+                   [schema] if schema else None, tables)
+    try:
+        return await arun(aconn, op)
+    except psycopg.Error as ex:
+        raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
