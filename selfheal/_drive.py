@@ -11,7 +11,7 @@ before it re-raises.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
@@ -51,7 +51,14 @@ class FreshQuery:
     settings: dict[str, str] = field(default_factory=dict)
 
 
-Request: TypeAlias = Query | Batch | FreshQuery
+class Statement:
+    """Run the caller's own statement again; the result is what it returns."""
+
+
+#: The one `Statement` request.
+STATEMENT = Statement()
+
+Request: TypeAlias = Query | Batch | FreshQuery | Statement
 Operation: TypeAlias = Generator[Request, Any, T]
 
 
@@ -78,8 +85,15 @@ async def _afetch(cur: psycopg.AsyncCursor[TupleRow]) -> Rows:
     return await cur.fetchall() if cur.pgresult is not None and cur.description else []
 
 
-def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
-    """Drive `op` to completion on a sync connection and return its value."""
+def run(
+    conn: psycopg.Connection[Any],
+    op: Operation[T],
+    statement: Callable[[], Any] | None = None,
+) -> T:
+    """Drive `op` to completion on a sync connection and return its value.
+
+    `statement` serves `STATEMENT` requests: it re-runs the caller's statement.
+    """
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -89,12 +103,20 @@ def run(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
             return stop.value  # type: ignore[no-any-return]
         error = None
         try:
-            value = _serve(conn, req)
+            value = statement() if req is STATEMENT and statement else _serve(conn, req)
         except psycopg.Error as ex:
             error = ex
 
 
+def run_side(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
+    """Drive `op` on a new autocommit connection to the same database as `conn`."""
+    with psycopg.Connection.connect(conninfo_of(conn), autocommit=True) as side:
+        return run(side, op)
+
+
 def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
+    if isinstance(req, Statement):
+        raise TypeError("this operation needs a statement to re-run")
     if isinstance(req, Query):
         cur = psycopg.Cursor(conn, row_factory=tuple_row)
         with cur:
@@ -112,7 +134,11 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
         return _serve(side, req.query)
 
 
-async def arun(aconn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
+async def arun(
+    aconn: psycopg.AsyncConnection[Any],
+    op: Operation[T],
+    statement: Callable[[], Awaitable[Any]] | None = None,
+) -> T:
     """Drive `op` to completion on an async connection and return its value."""
     value: Any = None
     error: BaseException | None = None
@@ -123,12 +149,23 @@ async def arun(aconn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
             return stop.value  # type: ignore[no-any-return]
         error = None
         try:
-            value = await _aserve(aconn, req)
+            if req is STATEMENT and statement:
+                value = await statement()
+            else:
+                value = await _aserve(aconn, req)
         except psycopg.Error as ex:
             error = ex
 
 
+async def arun_side(aconn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:
+    """Drive `op` on a new autocommit connection to the same database as `aconn`."""
+    async with await psycopg.AsyncConnection.connect(conninfo_of(aconn), autocommit=True) as side:
+        return await arun(side, op)
+
+
 async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
+    if isinstance(req, Statement):
+        raise TypeError("this operation needs a statement to re-run")
     if isinstance(req, Query):
         cur = psycopg.AsyncCursor(aconn, row_factory=tuple_row)
         async with cur:
