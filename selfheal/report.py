@@ -1,13 +1,30 @@
 """
-Report: tell operators about every heal.
+Report: tell operators about every heal, and alert once rather than flood.
 
-Events go to ``structlog.get_logger("selfheal")``; the application decides
-where they end up (selfheal never configures structlog). No event carries
-query text, parameters or row values.
+Audit events go to ``structlog.get_logger("selfheal")``; the application
+decides where they end up (selfheal never configures structlog):
+
+- ``sequence_resynced`` (warning): a heal moved a sequence.
+- ``sequence_already_in_sync`` (debug): a heal found nothing to move, because
+  a concurrent healer got there first or the key was supplied explicitly.
+- ``sequence_resync_failed`` (error): a heal could not happen; the caller got
+  its original error back.
+
+When sentry-sdk is installed and the application initialised it, heals that
+moved a sequence and failed heals are also sent to Sentry, one issue per
+table, at most one event per table and interval (later ones are counted and
+the count sent with the next event). See `selfheal.sentry` for the settings.
+
+No event carries query text, query parameters or row values, and reporting
+never raises into the application.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +33,17 @@ import structlog
 __all__ = ["Heal", "HealFailure", "logger", "resync_failed", "resynced"]
 
 logger = structlog.get_logger("selfheal")
+_fallback = logging.getLogger("selfheal")
+
+try:
+    import sentry_sdk
+    from sentry_sdk.utils import current_stacktrace, event_from_exception
+except ImportError:  # pragma: no cover - sentry is an optional extra
+    sentry_sdk = None  # type: ignore[assignment]
+
+#: Default seconds during which repeated Sentry events for one table are
+#: counted instead of sent.
+SENTRY_INTERVAL = 300.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +75,7 @@ class Heal:
 
 @dataclass(frozen=True)
 class HealFailure:
-    """A heal that could not happen; the caller got its original error back."""
+    """A heal that could not happen; the caller got `original` back."""
 
     database: str
     schema: str
@@ -55,24 +83,170 @@ class HealFailure:
     column: str
     constraint: str
     sequence: str
+    #: Why the heal failed (a `selfheal.errors.SelfhealError`).
     error: BaseException
     duration_ms: float
+    #: The error the caller received.
+    original: BaseException | None = None
 
     def fields(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "error"}
+        out = {k: getattr(self, k) for k in ("database", "schema", "table", "column",
+                                              "constraint", "sequence", "duration_ms")}
         out["error_class"] = type(self.error).__name__
         out["error"] = str(self.error)
         return out
 
 
 def resynced(heal: Heal) -> None:
-    """Report a heal: a warning when it moved the sequence, debug when it did not."""
-    if heal.changed:
+    """Report a heal: a warning and a Sentry event when it moved the sequence."""
+    try:
+        if not heal.changed:
+            logger.debug("sequence_already_in_sync", **heal.fields())
+            return
         logger.warning("sequence_resynced", **heal.fields())
-    else:
-        logger.debug("sequence_already_in_sync", **heal.fields())
+        if sentry_sdk is not None and sentry_sdk.get_client().is_active():
+            _send_heal(heal)
+    except Exception:
+        _fallback.exception("selfheal could not report a heal")
 
 
 def resync_failed(failure: HealFailure) -> None:
-    """Report a heal that could not happen."""
-    logger.error("sequence_resync_failed", **failure.fields())
+    """Report a heal that could not happen: an error event, and one in Sentry."""
+    try:
+        logger.error("sequence_resync_failed", **failure.fields())
+        if sentry_sdk is not None and sentry_sdk.get_client().is_active():
+            _send_failure(failure)
+    except Exception:
+        _fallback.exception("selfheal could not report a failed heal")
+
+
+# -- Sentry -------------------------------------------------------------------
+
+
+class _Throttle:
+    """Per table and kind: when the last event went out, and how many were held back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, ...], tuple[float, int]] = {}
+
+    def admit(self, key: tuple[str, ...], interval: float) -> int | None:
+        """None to hold the event back; else how many were held back before it."""
+        now = time.monotonic()
+        with self._lock:
+            sent_at, held = self._last.get(key, (float("-inf"), 0))
+            if now - sent_at < interval:
+                self._last[key] = (sent_at, held + 1)
+                return None
+            self._last[key] = (now, 0)
+            return held
+
+
+# One throttle per Sentry client, so a re-initialised SDK starts afresh.
+_throttles: weakref.WeakKeyDictionary[Any, _Throttle] = weakref.WeakKeyDictionary()
+_throttles_lock = threading.Lock()
+
+
+def _settings(client: Any) -> tuple[bool, float]:
+    from .sentry import SelfhealIntegration
+
+    integration = client.get_integration(SelfhealIntegration)
+    if integration is None:
+        return True, SENTRY_INTERVAL
+    return integration.send_events, integration.interval
+
+
+def _admit(kind: str, database: str, schema: str, table: str) -> int | None:
+    client = sentry_sdk.get_client()
+    enabled, interval = _settings(client)
+    if not enabled:
+        return None
+    with _throttles_lock:
+        throttle = _throttles.get(client)
+        if throttle is None:
+            throttle = _throttles[client] = _Throttle()
+    return throttle.admit((kind, database, schema, table), interval)
+
+
+def _tags(database: str, schema: str, table: str, sequence: str) -> dict[str, str]:
+    return {
+        "selfheal.database": database,
+        "selfheal.table": f"{schema}.{table}",
+        "selfheal.sequence": sequence,
+    }
+
+
+def _stacktrace_without_locals() -> dict[str, Any]:
+    # Where the application hit the collision, but never its variables:
+    # they hold query parameters and row values.
+    client = sentry_sdk.get_client()
+    trace = current_stacktrace(
+        include_local_variables=False,
+        include_source_context=client.options.get("include_source_context", True),
+    )
+    return {"values": [{"stacktrace": trace, "crashed": False, "current": True}]}
+
+
+def _send_heal(heal: Heal) -> None:
+    held = _admit("resynced", heal.database, heal.schema, heal.table)
+    if held is None:
+        return
+    event: dict[str, Any] = {
+        "level": "warning",
+        "logger": "selfheal",
+        "message": f"selfheal resynced the id sequence of {heal.schema}.{heal.table}",
+        "tags": _tags(heal.database, heal.schema, heal.table, heal.sequence),
+        "contexts": {
+            "selfheal": {
+                "database": heal.database,
+                "schema": heal.schema,
+                "table": heal.table,
+                "column": heal.column,
+                "constraint": heal.constraint,
+                "sequence": heal.sequence,
+                "before": heal.before,
+                "after": heal.after,
+                "method": heal.method,
+                "duration_ms": heal.duration_ms,
+                "retry": heal.retry,
+                "repeats_since_last_event": held,
+            }
+        },
+        "fingerprint": ["selfheal", "sequence_resynced", heal.database, heal.schema, heal.table],
+        "threads": _stacktrace_without_locals(),
+    }
+    sentry_sdk.capture_event(event)  # type: ignore[arg-type]
+
+
+def _send_failure(failure: HealFailure) -> None:
+    held = _admit("failed", failure.database, failure.schema, failure.table)
+    if held is None:
+        return
+    client = sentry_sdk.get_client()
+    shown = failure.original if failure.original is not None else failure.error
+    options = dict(client.options)
+    options.update(include_local_variables=False, add_full_stack=False)
+    built, _hint = event_from_exception(
+        shown, client_options=options, mechanism={"type": "selfheal", "handled": True}
+    )
+    event: dict[str, Any] = dict(built)
+    for value in event.get("exception", {}).get("values", []):
+        # The server's DETAIL line quotes the colliding key; keep the first line.
+        value["value"] = str(value.get("value", "")).split("\n", 1)[0]
+    event.update(
+        level="error",
+        logger="selfheal",
+        message=f"selfheal could not resync the id sequence of {failure.schema}.{failure.table}",
+        tags=_tags(failure.database, failure.schema, failure.table, failure.sequence),
+        fingerprint=["selfheal", "sequence_resync_failed", failure.database, failure.schema,
+                     failure.table],
+    )
+    event["contexts"] = {
+        "selfheal": {
+            **{k: v for k, v in failure.fields().items()},
+            "repeats_since_last_event": held,
+        }
+    }
+    # No hint: Sentry's dedupe would otherwise drop the application's own
+    # report of this same exception, should it let the error propagate.
+    sentry_sdk.capture_event(event)  # type: ignore[arg-type]

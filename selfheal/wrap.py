@@ -164,6 +164,7 @@ def heal_flow(
                 sequence=info.sequence,
                 error=err,
                 duration_ms=_ms(started),
+                original=ex,
             )
         )
         raise ex  # noqa: B904 - its __context__ tells why the heal failed
