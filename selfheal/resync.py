@@ -194,7 +194,14 @@ def _resync_op(
     lock_timeout: float = LOCK_TIMEOUT,
     statement_timeout: float = STATEMENT_TIMEOUT,
     draw_limit: int = DRAW_LIMIT,
+    drain_cache: bool = False,
 ) -> Operation[ResyncResult]:
+    """Resync `info`'s sequence on the connection the requests run on.
+
+    `drain_cache`: the connection is the session whose statement collided.
+    With CACHE n > 1 it may still hold pre-allocated values below the keys,
+    which its retry would draw; drawing n more values empties that cache.
+    """
     opening, closing = _scope(status, autocommit)
     for stmt in opening:
         yield Query(stmt)
@@ -208,7 +215,10 @@ def _resync_op(
             # at them from a fresh one, and keep the caller's own rows too.
             (fmax, fmin), = yield FreshQuery(
                 Query(_key_extremes(info)),
-                {"lock_timeout": f"{int(lock_timeout * 1000)}ms"},
+                {
+                    "lock_timeout": f"{int(lock_timeout * 1000)}ms",
+                    "statement_timeout": f"{int(statement_timeout * 1000)}ms",
+                },
             )
             key_max = _pick(max, key_max, fmax)
             key_min = _pick(min, key_min, fmin)
@@ -226,14 +236,12 @@ def _resync_op(
             draws = (target - before) // info.increment
             if draws <= draw_limit:
                 method = "nextval"
-                yield Query(
-                    sql.SQL("SELECT max(nextval({}::oid::regclass)) FROM generate_series(1, %s)")
-                    .format(sql.Literal(info.sequence_oid)),
-                    (draws,),
-                )
+                yield _draw(info, draws)
             else:
                 method = "setval"
                 yield _guarded_setval(info, target)
+        if drain_cache and info.cache > 1:
+            yield _draw(info, info.cache)
         (last, called, _), = yield _seq_state(info)
         after = next_value(last, called, info.increment)
     except psycopg.Error as ex:
@@ -267,6 +275,16 @@ def _close(closing: list[str]) -> Operation[None]:
 def _pick(fn: Any, a: int | None, b: int | None) -> int | None:
     vals = [v for v in (a, b) if v is not None]
     return fn(vals) if vals else None
+
+
+def _draw(info: TableInfo, count: int) -> Query:
+    # Monotonic by construction: every value drawn is one nobody else gets.
+    return Query(
+        sql.SQL("SELECT max(nextval({}::oid::regclass)) FROM generate_series(1, %s)").format(
+            sql.Literal(info.sequence_oid)
+        ),
+        (count,),
+    )
 
 
 def _guarded_setval(info: TableInfo, target: int) -> Query:

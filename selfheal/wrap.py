@@ -151,7 +151,8 @@ def heal_flow(
     autocommit = mode is Mode.AUTOCOMMIT or mode is Mode.HEAL_ONLY
     try:
         result = yield from _resync_op(
-            info, in_tx, autocommit, options.lock_timeout, options.statement_timeout
+            info, in_tx, autocommit, options.lock_timeout, options.statement_timeout,
+            drain_cache=mode is not Mode.HEAL_ONLY,
         )
     except SelfhealError as err:
         report.resync_failed(

@@ -33,6 +33,11 @@ def server_dsn() -> Iterator[str]:
 
     uri, server = start_server()
     yield uri
+    # A test may have restarted the server: then stop the process that runs it now.
+    from .pgctl import postmaster_pid, stop_if_running
+
+    if postmaster_pid(uri) not in (None, server.get_pid()):
+        stop_if_running(uri)
     server.cleanup()
 
 

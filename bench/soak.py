@@ -1,0 +1,174 @@
+"""
+Soak: many writers through a healing pool while chaos keeps breaking things.
+
+    python bench/soak.py [--dsn DSN] [--writers 32] [--duration 120]
+
+N writers insert rows with a unique marker through a psycopg_pool of
+HealingConnection. A chaos thread keeps moving the sequence backwards,
+inserts rows with explicit ids ahead of it, and now and then terminates a
+writer's backend. At the end every marker is counted: a marker whose insert
+reported success must be in the table exactly once (else "lost"), and no
+marker may be there twice ("duplicates"). Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import random
+import statistics
+import threading
+import time
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg_pool import ConnectionPool
+
+from selfheal import HealingConnection
+
+events: collections.Counter[str] = collections.Counter()
+events_lock = threading.Lock()
+
+
+def count_events(logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    with events_lock:
+        events[event_dict["event"]] += 1
+        if "error_class" in event_dict:
+            events["failed:" + event_dict["error_class"]] += 1
+        if event_dict.get("retry") == "failed":
+            events["retry_failed"] += 1
+    raise structlog.DropEvent
+
+
+def chaos(dsn: str, stop: threading.Event, interval: float, kill_every: float,
+          stats: collections.Counter[str]) -> None:
+    rng = random.Random(7)
+    next_kill = time.monotonic() + kill_every
+    with psycopg.connect(dsn, autocommit=True, application_name="soak-chaos") as c:
+        while not stop.wait(interval * rng.uniform(0.5, 1.5)):
+            if rng.random() < 0.5:
+                c.execute("SELECT setval('soak_id_seq', greatest(1, last_value - %s))"
+                          " FROM soak_id_seq", (rng.randint(50, 500),))
+                stats["chaos_setval_backwards"] += 1
+            else:
+                c.execute(
+                    "INSERT INTO soak (id, marker) SELECT last_value + g, 'chaos'"
+                    " FROM soak_id_seq, generate_series(1, %s) g ON CONFLICT DO NOTHING",
+                    (rng.randint(5, 200),),
+                )
+                stats["chaos_explicit_inserts"] += 1
+            if time.monotonic() >= next_kill:
+                next_kill += kill_every
+                row = c.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'soak-writer'"
+                    " ORDER BY random() LIMIT 1").fetchone()
+                if row:
+                    c.execute("SELECT pg_terminate_backend(%s)", row)
+                    stats["chaos_backends_killed"] += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--dsn")
+    parser.add_argument("--writers", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--chaos-interval", type=float, default=0.2)
+    parser.add_argument("--kill-every", type=float, default=3.0)
+    args = parser.parse_args()
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # killed backends are expected
+    structlog.configure(processors=[count_events],
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    dsn = args.dsn
+    if not dsn:
+        from selfheal._embedded import start_server
+
+        dsn, _server = start_server()  # max_connections 100: fine up to ~90 writers
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS soak")
+        c.execute("CREATE TABLE soak (id bigserial PRIMARY KEY, marker text NOT NULL)")
+
+    stop = threading.Event()
+    lock = threading.Lock()
+    succeeded: dict[str, int] = {}
+    failed: collections.Counter[str] = collections.Counter()
+    failed_markers: list[str] = []
+    latencies: list[float] = []
+    chaos_stats: collections.Counter[str] = collections.Counter()
+    attempted = 0
+
+    with ConnectionPool(dsn, connection_class=HealingConnection, min_size=args.writers,
+                        max_size=args.writers, check=ConnectionPool.check_connection,
+                        kwargs={"autocommit": True, "application_name": "soak-writer"}) as pool:
+
+        def writer(i: int) -> None:
+            nonlocal attempted
+            n = 0
+            while not stop.is_set():
+                marker = f"w{i}-{n}"
+                n += 1
+                started = time.perf_counter()
+                try:
+                    with pool.connection(timeout=30) as pc:
+                        row = pc.execute("INSERT INTO soak (marker) VALUES (%s) RETURNING id",
+                                         (marker,)).fetchone()
+                    elapsed = time.perf_counter() - started
+                    with lock:
+                        attempted += 1
+                        succeeded[marker] = row[0] if row else -1
+                        latencies.append(elapsed)
+                except psycopg.Error as ex:
+                    with lock:
+                        attempted += 1
+                        failed[type(ex).__name__] += 1
+                        failed_markers.append(marker)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(args.writers)]
+        chaos_thread = threading.Thread(
+            target=chaos, args=(dsn, stop, args.chaos_interval, args.kill_every, chaos_stats))
+        started = time.monotonic()
+        for t in [*threads, chaos_thread]:
+            t.start()
+        time.sleep(args.duration)
+        stop.set()
+        for t in [*threads, chaos_thread]:
+            t.join()
+        wall = time.monotonic() - started
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = c.execute("SELECT marker, count(*), min(id) FROM soak WHERE marker <> 'chaos'"
+                         " GROUP BY marker").fetchall()
+        total, distinct = c.execute("SELECT count(*), count(DISTINCT id) FROM soak").fetchone() \
+            or (0, 0)
+    found = {m: (n, i) for m, n, i in rows}
+    duplicates = sum(1 for n, _ in found.values() if n > 1)
+    lost = sum(1 for m in succeeded if m not in found)
+    wrong_id = sum(1 for m, i in succeeded.items() if m in found and found[m][1] != i)
+    ambiguous_landed = sum(1 for m in failed_markers if m in found)
+    lat = sorted(latencies)
+
+    print(f"soak: {args.writers} writers, {wall:.0f} s, PostgreSQL via HealingConnection pool")
+    print(f"  inserts attempted      {attempted}")
+    print(f"  succeeded              {len(succeeded)}  ({len(succeeded) / wall:.0f}/s)")
+    print(f"  healed (resyncs)       {events['sequence_resynced']}"
+          f"  (+{events['sequence_already_in_sync']} found already healed,"
+          f" {events['sequence_resync_failed']} failed)")
+    by_class = {k.removeprefix("failed:"): v for k, v in events.items() if k[:7] == "failed:"}
+    print(f"  heal failures by class {by_class}")
+    print(f"  retries that collided  {events['retry_failed']}  (chaos re-broke the sequence"
+          " between heal and retry)")
+    print(f"  failed with error      {sum(failed.values())}  {dict(failed)}"
+          f"  ({ambiguous_landed} of them committed before the connection died)")
+    print(f"  duplicates found       {duplicates}")
+    print(f"  rows lost              {lost}")
+    print(f"  wrong id returned      {wrong_id}")
+    print(f"  ids unique             {total == distinct} ({total} rows)")
+    if lat:
+        print(f"  latency p50 / p99      {statistics.median(lat) * 1000:.2f} ms /"
+              f" {lat[int(len(lat) * 0.99) - 1] * 1000:.2f} ms")
+    print(f"  chaos                  {dict(chaos_stats)}")
+
+
+if __name__ == "__main__":
+    main()
