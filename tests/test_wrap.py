@@ -474,3 +474,91 @@ class TestPool:
             with pool.connection() as pc, pc.transaction():
                 pc.execute("INSERT INTO payments (note) VALUES ('tx')")
         assert conn.execute("SELECT count(*) FROM payments").fetchone() == (16,)
+
+
+class TestSavepointTransport:
+    """Inside a transaction a protected statement travels with its savepoint either as
+    one simple-protocol string (client-side binding) or in a pipeline."""
+
+    @pytest.fixture
+    def tx(self, conn: psycopg.Connection, dsn: str) -> Iterator[HealingConnection]:
+        make_drifted(conn, 12)
+        with HealingConnection.connect(dsn) as hc:
+            hc.execute("SELECT 1")  # the transaction is open from here on
+            yield hc
+            hc.rollback()
+
+    @pytest.mark.parametrize("tail", ["", ";", " ;  ", "\n-- a trailing comment", "; -- c"])
+    def test_statement_tails(self, tx: HealingConnection, tail: str) -> None:
+        """Trailing semicolons and comments do not swallow the RELEASE."""
+        cur = tx.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id" + tail, ("t",))
+        assert cur.fetchone() == (13,)
+        assert (cur.rowcount, cur.statusmessage) == (1, "INSERT 0 1")
+        cur = tx.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id" + tail, ("u",))
+        assert cur.fetchone() == (14,)
+        assert tx.execute("SELECT count(*) FROM pg_stat_activity").fetchone() is not None
+
+    def test_values_kept_exactly(self, tx: HealingConnection) -> None:
+        """Quotes, percent signs, backslashes and NULL arrive unchanged."""
+        note = "it's 100% \\ done; -- not a comment"
+        tx.execute("INSERT INTO payments (note) VALUES (%s)", (note,))
+        tx.execute("INSERT INTO payments (note) VALUES (%(n)s)", {"n": None})
+        assert tx.execute("SELECT note FROM payments WHERE id > 12 ORDER BY id").fetchall() == [
+            (note,), (None,)]
+
+    def test_multi_row_rowcount(self, tx: HealingConnection) -> None:
+        """rowcount and results describe the caller's statement, not the savepoint."""
+        cur = tx.cursor()
+        cur.execute("UPDATE payments SET note = %s WHERE id <= %s", ("u", 5))
+        assert (cur.rowcount, cur.statusmessage) == (5, "UPDATE 5")
+        cur.execute("INSERT INTO payments (note) SELECT 'm' FROM generate_series(1, 3)"
+                    " RETURNING id")
+        assert cur.fetchall() == [(13,), (14,), (15,)]
+
+    def test_raw_cursor_uses_pipeline(self, conn: psycopg.Connection, dsn: str) -> None:
+        """Raw ($1) cursors keep server-side binding: the pipelined savepoint serves them."""
+        make_drifted(conn, 12)
+        with HealingConnection.connect(dsn, cursor_factory=psycopg.RawCursor) as hc:
+            hc.execute("SELECT 1")
+            cur = hc.execute("INSERT INTO payments (note) VALUES ($1) RETURNING id", ("raw",))
+            assert cur.fetchone() == (13,)
+            hc.commit()
+
+    def test_binary_uses_pipeline(self, tx: HealingConnection) -> None:
+        """binary=True cannot be sent as text: the pipelined savepoint serves it."""
+        cur = tx.cursor()
+        cur.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id", ("b",), binary=True)
+        assert cur.fetchone() == (13,)
+
+    def test_rollback_to_keeps_caller_savepoints(self, tx: HealingConnection) -> None:
+        """The caller's own savepoints survive selfheal's."""
+        tx.execute("SAVEPOINT mine")
+        tx.execute("INSERT INTO payments (note) VALUES ('inside')")
+        tx.execute("ROLLBACK TO SAVEPOINT mine")
+        tx.execute("INSERT INTO payments (note) VALUES ('after')")
+        assert tx.execute("SELECT note FROM payments WHERE id > 12").fetchall() == [("after",)]
+
+
+class TestMayDraw:
+    @pytest.mark.parametrize(
+        ("query", "expected"),
+        [
+            ("INSERT INTO t VALUES (1)", True),
+            ("  -- comment\n /* block */ (WITH x AS (SELECT 1) INSERT INTO t SELECT 1)", True),
+            ("update t set a = 1", True),
+            ("MERGE INTO t USING s ON true WHEN NOT MATCHED THEN INSERT VALUES (1)", True),
+            ("CALL make_payment()", True),
+            ("SELECT * FROM t", False),
+            ("SAVEPOINT x", False),
+            ("COMMIT", False),
+            (b"insert into t values (1)", True),
+            (sql.SQL("INSERT INTO {} VALUES (1)").format(sql.Identifier("t")), True),
+            (sql.SQL("SELECT {}").format(1), False),
+            ("", True),
+        ],
+    )
+    def test_first_keyword(self, query: object, expected: bool) -> None:
+        """Statements that can draw from a sequence are recognised by their first keyword."""
+        from selfheal.wrap import may_draw
+
+        assert may_draw(query) is expected  # type: ignore[arg-type]
