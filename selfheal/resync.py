@@ -21,7 +21,7 @@ caller's transaction, settings and locks are left as they were.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -52,6 +52,8 @@ LOCK_TIMEOUT = 2.0
 
 #: Default bound, in seconds, on any one statement of a resync.
 STATEMENT_TIMEOUT = 10.0
+
+T = TypeVar("T")
 
 # Advisory locks of selfheal live in their own key space: this prefix in the
 # high 32 bits, the sequence's oid in the low 32.
@@ -149,7 +151,13 @@ def target_value(next_val: int, increment: int, key_value: int | None) -> int | 
 
 
 def _scope(status: TransactionStatus, autocommit: bool) -> tuple[list[str], list[str]]:
-    """Statements that open and close a throw-away scope on the caller's connection."""
+    """Statements that open and close a throw-away scope on a connection.
+
+    Inside the caller's transaction: a savepoint. Otherwise a transaction of
+    our own, always READ COMMITTED, so that each statement sees what was
+    committed before it (the advisory lock may be granted long after the
+    scope opened).
+    """
     if status == TransactionStatus.INTRANS:
         return (["SAVEPOINT _selfheal_resync"], ["ROLLBACK TO SAVEPOINT _selfheal_resync",
                                                  "RELEASE SAVEPOINT _selfheal_resync"])
@@ -157,8 +165,28 @@ def _scope(status: TransactionStatus, autocommit: bool) -> tuple[list[str], list
         raise errors.ResyncError(
             "cannot resync on a connection whose transaction has failed; roll it back first"
         )
-    # A non-autocommit connection opens the transaction by itself.
-    return (["BEGIN"] if autocommit else [], ["ROLLBACK"])
+    if autocommit:
+        return (["BEGIN ISOLATION LEVEL READ COMMITTED"], ["ROLLBACK"])
+    # psycopg opens the transaction itself; this is its first statement.
+    return (["SET TRANSACTION ISOLATION LEVEL READ COMMITTED"], ["ROLLBACK"])
+
+
+def scoped(status: TransactionStatus, autocommit: bool, body: Operation[T]) -> Operation[T]:
+    """Run `body` in a throw-away scope (see `_scope`), closed however it ends.
+
+    Sequence changes are not transactional: they survive the rollback, while
+    the caller's transaction, settings and locks are left as they were.
+    """
+    opening, closing = _scope(status, autocommit)
+    try:
+        for stmt in opening:
+            yield Query(stmt)
+        result = yield from body
+    except (psycopg.Error, errors.SelfhealError):
+        yield from _close(closing)
+        raise
+    yield from _close(closing)
+    return result
 
 
 def _bounds(lock_timeout: float, statement_timeout: float) -> Query:
@@ -187,30 +215,25 @@ def _lock_key(info: TableInfo) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
-def _resync_op(
+def advance(
     info: TableInfo,
-    status: TransactionStatus,
-    autocommit: bool,
     lock_timeout: float = LOCK_TIMEOUT,
     statement_timeout: float = STATEMENT_TIMEOUT,
     draw_limit: int = DRAW_LIMIT,
     drain_cache: bool = False,
 ) -> Operation[ResyncResult]:
-    """Resync `info`'s sequence on the connection the requests run on.
+    """Move `info`'s sequence past the table's keys; run it inside `scoped`.
 
     `drain_cache`: the connection is the session whose statement collided.
     With CACHE n > 1 it may still hold pre-allocated values below the keys,
     which its retry would draw; drawing n more values empties that cache.
     """
-    opening, closing = _scope(status, autocommit)
-    for stmt in opening:
-        yield Query(stmt)
     try:
         yield _bounds(lock_timeout, statement_timeout)
         yield Query("SELECT pg_advisory_xact_lock(%s)", (_lock_key(info),))
         (key_max, key_min), = yield Query(_key_extremes(info))
         (last, called, isolation), = yield _seq_state(info)
-        if status == TransactionStatus.INTRANS and isolation != "read committed":
+        if isolation != "read committed":
             # The caller's snapshot predates rows committed since; also look
             # at them from a fresh one, and keep the caller's own rows too.
             (fmax, fmin), = yield FreshQuery(
@@ -245,12 +268,7 @@ def _resync_op(
         (last, called, _), = yield _seq_state(info)
         after = next_value(last, called, info.increment)
     except psycopg.Error as ex:
-        yield from _close(closing)
         raise _translate(ex, info) from ex
-    except errors.SelfhealError:
-        yield from _close(closing)
-        raise
-    yield from _close(closing)
     return ResyncResult(
         schema=info.schema,
         table=info.table,
@@ -320,55 +338,42 @@ def _translate(ex: psycopg.Error, info: TableInfo) -> errors.SelfhealError:
     return errors.ResyncError(f"resync of {where} failed: {detail}", sqlstate=state)
 
 
-def _resync_named(
-    table: str,
-    schema: str | None,
-    status: TransactionStatus,
-    autocommit: bool,
-    lock_timeout: float,
-) -> Operation[ResyncResult]:
+def _resync_named(table: str, schema: str | None, lock_timeout: float
+                  ) -> Operation[ResyncResult]:
     try:
         info = yield from describe(table, schema)
     except psycopg.Error as ex:
         raise errors.ResyncError(f"cannot look up table {table!r}: {ex}", sqlstate=ex.sqlstate
                                  ) from ex
-    return (yield from _resync_op(info, status, autocommit, lock_timeout))
+    return (yield from advance(info, lock_timeout))
 
 
 def _check_op(
-    status: TransactionStatus,
-    autocommit: bool,
     schemas: list[str] | None,
     tables: list[str] | None,
     chunk: int = 500,
 ) -> Operation[list[SequenceStatus]]:
-    opening, closing = _scope(status, autocommit)
-    for stmt in opening:
-        yield Query(stmt)
-    try:
-        infos = yield from list_tables(schemas, tables)
-        batches: list[Query] = []
-        for start in range(0, len(infos), chunk):
-            parts = [
-                sql.SQL(
-                    "SELECT {i}, (SELECT max({col}) FROM {tbl}), (SELECT min({col}) FROM {tbl}),"
-                    " s.last_value, s.is_called FROM {seq} s"
-                ).format(
-                    i=sql.Literal(start + i),
-                    col=sql.Identifier(info.column),
-                    tbl=info.table_ident,
-                    seq=info.sequence_ident,
-                )
-                for i, info in enumerate(infos[start : start + chunk])
-            ]
-            batches.append(Query(sql.SQL(" UNION ALL ").join(parts)))
-        results: list[Any] = []
-        if len(batches) == 1:
-            results = [(yield batches[0])]
-        elif batches:
-            results = yield Batch(batches)
-    finally:
-        yield from _close(closing)
+    infos = yield from list_tables(schemas, tables)
+    batches: list[Query] = []
+    for start in range(0, len(infos), chunk):
+        parts = [
+            sql.SQL(
+                "SELECT {i}, (SELECT max({col}) FROM {tbl}), (SELECT min({col}) FROM {tbl}),"
+                " s.last_value, s.is_called FROM {seq} s"
+            ).format(
+                i=sql.Literal(start + i),
+                col=sql.Identifier(info.column),
+                tbl=info.table_ident,
+                seq=info.sequence_ident,
+            )
+            for i, info in enumerate(infos[start : start + chunk])
+        ]
+        batches.append(Query(sql.SQL(" UNION ALL ").join(parts)))
+    results: list[Any] = []
+    if len(batches) == 1:
+        results = [(yield batches[0])]
+    elif batches:
+        results = yield Batch(batches)
     found: list[SequenceStatus] = []
     for rows in results:
         for i, key_max, key_min, last, called in rows:
@@ -406,9 +411,8 @@ def resync(
     idle connection and inside a caller's transaction (in a savepoint, leaving
     the transaction as it was). Raises a `selfheal.errors.SelfhealError`.
     """
-    op = _resync_named(table, schema, conn.info.transaction_status, conn.autocommit,
-                       lock_timeout)
-    return run(conn, op)
+    op = _resync_named(table, schema, lock_timeout)
+    return run(conn, scoped(conn.info.transaction_status, conn.autocommit, op))
 
 
 async def aresync(
@@ -419,9 +423,8 @@ async def aresync(
     lock_timeout: float = LOCK_TIMEOUT,
 ) -> ResyncResult:
     """The async twin of `resync`."""
-    op = _resync_named(table, schema, aconn.info.transaction_status, aconn.autocommit,
-                       lock_timeout)
-    return await arun(aconn, op)
+    op = _resync_named(table, schema, lock_timeout)
+    return await arun(aconn, scoped(aconn.info.transaction_status, aconn.autocommit, op))
 
 
 def check(
@@ -435,10 +438,9 @@ def check(
     `schema` may be a LIKE pattern (``tenant_%``). Costs a constant number of
     round trips whatever the number of tables. Moves nothing.
     """
-    op = _check_op(conn.info.transaction_status, conn.autocommit,
-                   [schema] if schema else None, tables)
+    op = _check_op([schema] if schema else None, tables)
     try:
-        return run(conn, op)
+        return run(conn, scoped(conn.info.transaction_status, conn.autocommit, op))
     except psycopg.Error as ex:
         raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
 
@@ -450,9 +452,8 @@ async def acheck(
     tables: list[str] | None = None,
 ) -> list[SequenceStatus]:
     """The async twin of `check`."""
-    op = _check_op(aconn.info.transaction_status, aconn.autocommit,
-                   [schema] if schema else None, tables)
+    op = _check_op([schema] if schema else None, tables)
     try:
-        return await arun(aconn, op)
+        return await arun(aconn, scoped(aconn.info.transaction_status, aconn.autocommit, op))
     except psycopg.Error as ex:
         raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex

@@ -40,9 +40,10 @@ from psycopg.rows import Row
 
 from . import _drive, report
 from ._drive import STATEMENT, Operation
-from .detect import NotHealable, constraint_of, healable
+from .detect import ConstraintKey, NotHealable, constraint_of, healable
+from .discover import TableInfo
 from .errors import SelfhealError
-from .resync import LOCK_TIMEOUT, STATEMENT_TIMEOUT, ResyncResult, _resync_op
+from .resync import LOCK_TIMEOUT, STATEMENT_TIMEOUT, ResyncResult, advance, scoped
 
 try:
     from string.templatelib import Template  # type: ignore[import-not-found, unused-ignore]
@@ -153,20 +154,20 @@ def heal_flow(
         except psycopg.Error:
             raise ex from None
     key = constraint_of(ex)
-    if key is None:
-        raise ex
-    info = yield from healable(key, not_healable)
-    if info is None:
+    if key is None or key in not_healable:
         raise ex
     started = time.perf_counter()
-    in_tx = TransactionStatus.INTRANS if in_savepoint else TransactionStatus.IDLE
+    status = TransactionStatus.INTRANS if in_savepoint else TransactionStatus.IDLE
     autocommit = mode is Mode.AUTOCOMMIT or mode is Mode.HEAL_ONLY
+    # The lookup and the heal share one scope: a single transaction or savepoint.
+    found: list[TableInfo] = []
+    body = _lookup_and_advance(key, not_healable, options, mode is not Mode.HEAL_ONLY, found)
     try:
-        result = yield from _resync_op(
-            info, in_tx, autocommit, options.lock_timeout, options.statement_timeout,
-            drain_cache=mode is not Mode.HEAL_ONLY,
-        )
+        result = yield from scoped(status, autocommit, body)
     except SelfhealError as err:
+        if not found:
+            raise ex  # noqa: B904 - nothing was healed, nothing to report
+        info = found[0]
         report.resync_failed(
             report.HealFailure(
                 database=database,
@@ -181,6 +182,8 @@ def heal_flow(
             )
         )
         raise ex  # noqa: B904 - its __context__ tells why the heal failed
+    if result is None:
+        raise ex
     heal = _heal(result, database, key[2], started)
     if not options.retry or mode is Mode.HEAL_ONLY:
         report.resynced(replace(heal, retry="not_attempted"))
@@ -192,6 +195,21 @@ def heal_flow(
         raise
     report.resynced(replace(heal, retry="succeeded"))
     return value
+
+
+def _lookup_and_advance(
+    key: ConstraintKey,
+    not_healable: NotHealable,
+    options: HealOptions,
+    drain_cache: bool,
+    found: list[TableInfo],
+) -> Operation[ResyncResult | None]:
+    info = yield from healable(key, not_healable)
+    if info is None:
+        return None
+    found.append(info)
+    return (yield from advance(info, options.lock_timeout, options.statement_timeout,
+                               drain_cache=drain_cache))
 
 
 def _ms(started: float) -> float:
