@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Django's command-line utility for the selfheal example project.
+
+    DATABASE_URL=postgresql://... python manage.py migrate
+    DATABASE_URL=postgresql://... python manage.py selfheal_check
+    DJANGO_SETTINGS_MODULE=shop.settings_tenants ... python manage.py migrate_schemas
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
