@@ -71,39 +71,50 @@ def _quote(name: str) -> str:
 
 
 # One row per table: its key column and the sequence its values come from.
-# LEFT JOINs keep tables without such a key, so a caller can tell "unknown
-# table" from "no sequence". The sequence is the one the column's DEFAULT
-# depends on (serial, or nextval() on any sequence), else its identity sequence.
+# The LEFT JOIN keeps tables without such a key, so a caller can tell
+# "unknown table" from "no sequence". The sequence is the one the column's
+# DEFAULT depends on (serial, or nextval() on any sequence), else its identity
+# sequence. Everything past the table is looked up per table inside one
+# LATERAL ... LIMIT 1, which the planner cannot flatten: each lookup stays an
+# index probe, so the cost grows linearly with the number of tables. Flattened
+# joins let catalog estimates (often stale right after a restore or CREATE
+# DATABASE ... TEMPLATE) pick nested loops that grew with tables x sequences.
 _TABLES = sql.SQL("""\
-SELECT n.nspname, c.relname, a.attname, con.conname,
-       sn.nspname, s.relname, s.oid::bigint,
-       q.seqincrement, q.seqmin, q.seqmax, q.seqcache,
-       has_column_privilege(c.oid, a.attnum, 'SELECT')
-         AND has_sequence_privilege(s.oid, 'SELECT') AS readable
+SELECT n.nspname, c.relname, k.attname, k.conname,
+       k.seqschema, k.seqname, k.seqid,
+       k.seqincrement, k.seqmin, k.seqmax, k.seqcache,
+       has_column_privilege(c.oid, k.attnum, 'SELECT')
+         AND has_sequence_privilege(k.seqid::oid, 'SELECT') AS readable
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_constraint con
-  ON con.conrelid = c.oid AND con.contype = 'p' AND cardinality(con.conkey) = 1
-LEFT JOIN pg_attribute a
-  ON a.attrelid = c.oid AND a.attnum = con.conkey[1]
-  AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
 LEFT JOIN LATERAL (
-  SELECT d.refobjid AS seqid, 1 AS pref
-  FROM pg_attrdef ad
-  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
-   AND d.refclassid = 'pg_class'::regclass
-  WHERE ad.adrelid = c.oid AND ad.adnum = a.attnum
-  UNION ALL
-  SELECT d.objid, 2
-  FROM pg_depend d
-  WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-    AND d.refobjid = c.oid AND d.refobjsubid = a.attnum AND d.deptype = 'i'
-) dep ON EXISTS (SELECT FROM pg_class sx WHERE sx.oid = dep.seqid AND sx.relkind = 'S')
-LEFT JOIN pg_class s ON s.oid = dep.seqid
-LEFT JOIN pg_namespace sn ON sn.oid = s.relnamespace
-LEFT JOIN pg_sequence q ON q.seqrelid = s.oid
+  SELECT a.attname, a.attnum, con.conname, sn.nspname AS seqschema, s.relname AS seqname,
+         s.oid::bigint AS seqid, q.seqincrement, q.seqmin, q.seqmax, q.seqcache
+  FROM pg_constraint con
+  JOIN pg_attribute a
+    ON a.attrelid = con.conrelid AND a.attnum = con.conkey[1]
+   AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+  CROSS JOIN LATERAL (
+    SELECT d.refobjid AS seqid, 1 AS pref
+    FROM pg_depend d
+    WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.objid = (SELECT ad.oid FROM pg_attrdef ad
+                     WHERE ad.adrelid = con.conrelid AND ad.adnum = a.attnum)
+    UNION ALL
+    SELECT d.objid, 2
+    FROM pg_depend d
+    WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.refobjid = con.conrelid AND d.refobjsubid = a.attnum AND d.deptype = 'i'
+  ) dep
+  JOIN pg_class s ON s.oid = dep.seqid AND s.relkind = 'S'
+  JOIN pg_namespace sn ON sn.oid = s.relnamespace
+  JOIN pg_sequence q ON q.seqrelid = s.oid
+  WHERE con.conrelid = c.oid AND con.contype = 'p' AND cardinality(con.conkey) = 1
+  ORDER BY dep.pref
+  LIMIT 1
+) k ON true
 WHERE c.relkind IN ('r', 'p') AND {where}
-ORDER BY n.nspname, c.relname, dep.pref
+ORDER BY n.nspname, c.relname
 """)
 
 
@@ -184,7 +195,7 @@ def list_tables(
     """
     conds: list[sql.Composable] = [
         sql.SQL("NOT c.relispartition"),
-        sql.SQL("s.oid IS NOT NULL"),
+        sql.SQL("k.seqid IS NOT NULL"),
         sql.SQL("n.nspname NOT IN ('pg_catalog', 'information_schema')"),
         sql.SQL("n.nspname NOT LIKE 'pg\\_%'"),
     ]

@@ -1,0 +1,409 @@
+"""
+The ``selfheal`` command: ``selfheal check`` and ``selfheal fix``.
+
+A thin layer over `selfheal.fleet`: parse arguments, call one fleet function,
+render its report as a table, JSON or OpenMetrics. Exit codes are the
+contract scripts rely on: 0 all in sync, 1 drift (found by check, or left by
+``fix --dry-run``), 2 an error. Errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from . import __version__, fleet
+from .errors import SelfhealError
+from .fleet import FleetReport, SequenceReport
+from .resync import LOCK_TIMEOUT
+
+__all__ = ["main", "render_openmetrics", "render_table"]
+
+_EXAMPLES = """\
+examples:
+  selfheal check                                   # $DATABASE_URL
+  selfheal check postgresql://app@db/shop --json
+  selfheal fix --dry-run --table orders --table payments
+  selfheal check --databases 'tenant%' --jobs 8 --format openmetrics --output drift.prom
+  selfheal fix --databases 'tenant%' --shard "$JOB_COMPLETION_INDEX/8"
+  selfheal check --schema 'tenant_%'               # schema per tenant
+
+exit codes: 0 all in sync, 1 drift found (or left by --dry-run), 2 error
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line instead of usage + error: scripts log it, people read it.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return fleet.parse_shard(text)
+    except fleet.FleetError as ex:
+        raise argparse.ArgumentTypeError(str(ex)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("dsn", nargs="*",
+                        help="databases to visit: connection strings or URLs, or database"
+                             " names on $DATABASE_URL's server (default: $DATABASE_URL)")
+    where = common.add_argument_group("what to look at")
+    where.add_argument("--table", action="append", metavar="NAME",
+                       help="only this table (repeatable)")
+    where.add_argument("--schema", metavar="NAME_OR_PATTERN",
+                       help="only schemas matching this SQL LIKE pattern, e.g. 'tenant_%%'")
+    tenants = where.add_mutually_exclusive_group()
+    tenants.add_argument("--databases", metavar="PATTERN",
+                         help="every database on the DSN's server matching this LIKE pattern")
+    tenants.add_argument("--all-databases", action="store_true",
+                         help="every database on the DSN's server")
+    tenants.add_argument("--tenants-query", metavar="SQL",
+                         help="a query run on the DSN returning database names or DSNs")
+    where.add_argument("--shard", type=_shard, metavar="I/N",
+                       help="only slice I (0-based) of N stable slices of the databases")
+    how = common.add_argument_group("how")
+    how.add_argument("--jobs", type=_positive, default=fleet.DEFAULT_JOBS, metavar="N",
+                     help=f"databases visited at once (default {fleet.DEFAULT_JOBS})")
+    how.add_argument("--lock-timeout", type=_seconds, default=LOCK_TIMEOUT, metavar="SECONDS",
+                     help="give up on a table whose lock is not granted in time (default 2)")
+    how.add_argument("--connect-timeout", type=_seconds, default=fleet.CONNECT_TIMEOUT,
+                     metavar="SECONDS", help="give up on an unreachable database (default 10)")
+    out = common.add_argument_group("output")
+    fmt = out.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json",
+                     default="table",
+                     help="a JSON array, one object per sequence (same as --format json)")
+    fmt.add_argument("--format", choices=("table", "json", "openmetrics"), default="table",
+                     help="table (default), json, or openmetrics for a Prometheus"
+                          " textfile collector")
+    out.add_argument("--output", metavar="FILE",
+                     help="write the report to FILE, atomically, instead of stdout")
+    out.add_argument("-v", "--verbose", action="store_true",
+                     help="list every sequence in the table, not only those out of sync")
+
+    parser = _Parser(
+        prog="selfheal",
+        description="Find and repair PostgreSQL id sequences that fell behind their tables.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"selfheal {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{check,fix,demo}",
+                                     parser_class=_Parser)
+    commands.required = True
+    commands.add_parser("check", parents=[common], help="report sequences behind their keys",
+                        description="Report sequences behind their table's keys. Moves nothing.",
+                        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fix = commands.add_parser(
+        "fix", parents=[common], help="move sequences past their keys",
+        description="Move every sequence behind its table's keys past them; never backwards.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fix.add_argument("--dry-run", action="store_true", help="report what would move; move nothing")
+    # Listed for --help only: main() hands `demo` to selfheal.demo before parsing.
+    commands.add_parser("demo", add_help=False,
+                        help="the selfheal story on a throw-away PostgreSQL")
+    return parser
+
+
+# -- rendering ---------------------------------------------------------------------
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _summary(report: FleetReport) -> str:
+    seqs = report.sequences
+    behind = [s for s in seqs if not s.in_sync and s.error is None]
+    failed = report.failed
+    head = (f"{report.command}: {_plural(len(seqs), 'sequence')} in"
+            f" {_plural(len(report.databases), 'database')} ({report.elapsed:.2f} s)")
+    parts: list[str] = []
+    if report.command == "fix" and not report.dry_run:
+        moved = [s for s in seqs if s.changed]
+        if moved:
+            dbs = {s.database for s in moved}
+            parts.append(f"moved {len(moved)} in {_plural(len(dbs), 'database')}")
+    if behind:
+        dbs = {s.database for s in behind}
+        verb = "would move" if report.dry_run else "behind"
+        parts.append(f"{len(behind)} {verb} in {_plural(len(dbs), 'database')}")
+    if failed:
+        parts.append(f"{_plural(len(failed), 'database')} failed")
+    if not behind and not failed:
+        parts.append("all in sync")
+    if report.dry_run:
+        parts.append("nothing changed (dry run)")
+    return f"{head}: {', '.join(parts)}"
+
+
+def _state(seq: SequenceReport, dry_run: bool) -> str:
+    if seq.error is not None:
+        return f"error: {seq.error}"
+    if seq.changed:
+        return "moved"
+    if seq.in_sync:
+        return "in sync"
+    behind = f"behind by {fleet.gap(seq.found)}"
+    return f"{behind}, would move" if dry_run else behind
+
+
+def render_table(report: FleetReport, verbose: bool = False) -> str:
+    """An aligned, readable table of what needs attention, and a summary line."""
+    fix = report.command == "fix"
+    header = ["DATABASE", "TABLE", "KEY MAX", "BEFORE" if fix else "NEXT"]
+    header += ["AFTER", "STATUS"] if fix else ["STATUS"]
+    rows: list[list[str]] = []
+    for db in report.databases:
+        if db.error is not None:
+            rows.append([db.target.name, "-", "", ""] + ([""] if fix else [])
+                        + [f"error: {db.error}"])
+            continue
+        for seq in db.sequences:
+            if not (verbose or seq.changed or not seq.in_sync):
+                continue
+            found = seq.found
+            key = found.max_value if found.increment > 0 else found.min_value
+            row = [seq.database, f"{found.schema}.{found.table}",
+                   "" if key is None else str(key), str(found.next_value)]
+            if fix:
+                row.append(str(seq.status.next_value))
+            row.append(_state(seq, report.dry_run))
+            rows.append(row)
+    lines: list[str] = []
+    if rows:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+        numeric = {2, 3, 4} if fix else {2, 3}
+        for row in [header, *rows]:
+            cells = [
+                (cell.rjust(w) if i in numeric else cell.ljust(w))
+                for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+            ]
+            lines.append("  ".join([*cells, row[-1]]).rstrip())
+    lines.append(_summary(report))
+    return "\n".join(lines) + "\n"
+
+
+def render_json(report: FleetReport) -> str:
+    """A JSON array: one object per sequence, and one per database that failed."""
+    items: list[dict[str, Any]] = []
+    for db in report.databases:
+        if db.error is not None:
+            items.append({"database": db.target.name, "error": db.error})
+        items += [s.as_dict(fix=report.command == "fix") for s in db.sequences]
+    return json.dumps(items, indent=2) + "\n"
+
+
+def _label(value: str) -> str:
+    # Exposition format: backslash, double quote and newline are escaped.
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels: str) -> str:
+    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+
+
+def render_openmetrics(report: FleetReport, now: float | None = None) -> str:
+    """Drift gauges in the OpenMetrics text format, for a Prometheus textfile collector."""
+    out: list[str] = []
+
+    def family(name: str, help_: str, samples: list[tuple[str, float | int]]) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} gauge")
+        out.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    seqs = [s for db in report.databases if db.error is None for s in db.sequences]
+
+    def seq_labels(s: SequenceReport) -> str:
+        return _labels(database=s.database, schema=s.found.schema, table=s.found.table)
+
+    family("selfheal_sequence_in_sync",
+           "1 when the sequence's next value lies past every key of its table.",
+           [(seq_labels(s), int(s.in_sync)) for s in seqs])
+    family("selfheal_sequence_gap",
+           "Values the sequence must advance to pass its table's keys; 0 when in sync.",
+           [(seq_labels(s), 0 if s.in_sync else fleet.gap(s.status)) for s in seqs])
+    family("selfheal_database_up",
+           "1 when the database could be checked, 0 when it failed.",
+           [(_labels(database=db.target.name), int(not db.failed)) for db in report.databases])
+    family("selfheal_last_run_timestamp_seconds",
+           "When selfheal last wrote these metrics.",
+           [("", round(time.time() if now is None else now, 3))])
+    out.append("# EOF")
+    return "\n".join(out) + "\n"
+
+
+# -- running -------------------------------------------------------------------------
+
+
+class _ProgressBar:
+    """A one-line bar on a terminal's stderr, redrawn at most ten times a second."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.drawn_at = 0.0
+        self.width = 0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if 0 < done < total and now - self.drawn_at < 0.1:
+            return
+        self.drawn_at = now
+        filled = 30 * done // total if total else 30
+        line = f"{phase} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} databases"
+        self.width = max(self.width, len(line))
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def _write(text: str, path: str | None) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    # tmp + rename: a textfile collector never reads a half-written file.
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as ex:
+        raise OSError(f"cannot write {path}: {ex.strerror}") from ex
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the collector runs as another user
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _note(message: str) -> None:
+    print(f"selfheal: note: {message}", file=sys.stderr)
+
+
+def _dsn(arg: str) -> str:
+    """A DSN argument; a bare database name means that database on $DATABASE_URL's server."""
+    if "=" in arg or "://" in arg or not arg or any(c.isspace() or c in "'\\" for c in arg):
+        return arg  # a DSN, or something fleet.plan will report as malformed
+    return make_conninfo(os.environ.get("DATABASE_URL", ""), dbname=arg)
+
+
+def _run(args: argparse.Namespace) -> int:
+    url = os.environ.get("DATABASE_URL")
+    dsns = [_dsn(d) for d in args.dsn] if args.dsn else ([url] if url else [])
+    planned = fleet.plan(
+        dsns,
+        databases=args.databases,
+        all_databases=args.all_databases,
+        tenants_query=args.tenants_query,
+        connect_timeout=args.connect_timeout,
+    )
+    for skipped in planned.skipped:
+        _note(f"skipped database {skipped.name!r}: {skipped.reason}")
+    targets = planned.targets
+    if args.shard is not None:
+        index, count = args.shard
+        targets = fleet.shard(targets, index, count)
+        if not targets:
+            _note(f"shard {index}/{count} holds none of the {len(planned.targets)} databases")
+    bar = (_ProgressBar(sys.stderr)
+           if args.format == "table" and len(targets) > 1 and sys.stderr.isatty() else None)
+    options: dict[str, Any] = {
+        "schema": args.schema,
+        "tables": args.table,
+        "jobs": args.jobs,
+        "connect_timeout": args.connect_timeout,
+        "lock_timeout": args.lock_timeout,
+        "progress": bar,
+    }
+    try:
+        if args.command == "fix":
+            report = fleet.fix_fleet(targets, dry_run=args.dry_run, **options)
+        else:
+            report = fleet.check_fleet(targets, **options)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.format == "json":
+        text = render_json(report)
+    elif args.format == "openmetrics":
+        text = render_openmetrics(report)
+    else:
+        text = render_table(report, verbose=args.verbose)
+    if args.format != "table" or args.output is not None:
+        # The report is for machines: still tell the person reading the logs.
+        for db in report.failed:
+            reason = db.error or next(s.error for s in db.sequences if s.error)
+            print(f"selfheal: {db.target.name}: {reason}", file=sys.stderr)
+    _write(text, args.output)
+    return report.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``selfheal`` with `argv` (default: the command line); return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["demo"]:
+        from . import demo  # imports the optional demo dependencies only when asked
+
+        try:
+            return demo.main(args_list[1:])
+        except SystemExit as ex:
+            return ex.code if isinstance(ex.code, int) else 2
+    parser = _parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as ex:  # --help, --version and usage errors
+        return ex.code if isinstance(ex.code, int) else 2
+    try:
+        return _run(args)
+    except (SelfhealError, psycopg.Error, OSError) as ex:
+        message = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+    except KeyboardInterrupt:
+        message = "interrupted"
+    except Exception as ex:
+        if os.environ.get("SELFHEAL_TRACEBACK"):
+            raise
+        message = f"unexpected {type(ex).__name__}: {ex} (SELFHEAL_TRACEBACK=1 shows where)"
+    print(f"selfheal: error: {message}", file=sys.stderr)
+    return 2
