@@ -11,7 +11,8 @@ the transaction state the statement runs in:
   statement), the sequence healed and the statement retried.
 - inside a transaction: a statement that can draw from a sequence (INSERT,
   UPDATE, DELETE, MERGE, WITH, CALL, DO, EXECUTE) runs under a savepoint
-  queued in the same round trip, so earlier work survives the failure. Other
+  queued with it in one pipeline (one round trip), so earlier work survives
+  the failure. Other
   statements run as they are; if one collides, the sequence is healed on a
   side connection and the error re-raised.
 - a failed transaction, or an explicit pipeline: nothing is done.
@@ -45,16 +46,6 @@ from .discover import TableInfo
 from .errors import SelfhealError
 from .resync import LOCK_TIMEOUT, STATEMENT_TIMEOUT, ResyncResult, advance, scoped
 
-try:
-    from string.templatelib import Template  # type: ignore[import-not-found, unused-ignore]
-except ImportError:  # Python < 3.14: no template strings
-
-    class Template:  # type: ignore[no-redef]
-        """Stands in for string.templatelib.Template where it does not exist."""
-
-
-_RAW_CURSORS = (psycopg.RawCursor, psycopg.AsyncRawCursor)
-
 __all__ = [
     "AsyncHealingConnection",
     "AsyncHealingCursor",
@@ -87,7 +78,6 @@ class Mode(enum.Enum):
     AUTOCOMMIT = "autocommit"  # retry directly
     OPENED = "opened"  # the statement opens the transaction: roll back, retry
     SAVEPOINT = "savepoint"  # under a savepoint inside the caller's transaction
-    SAVEPOINT_INLINE = "savepoint_inline"  # the same, in one simple-protocol string
     HEAL_ONLY = "heal_only"  # heal on a side connection, re-raise
 
 
@@ -147,7 +137,7 @@ def heal_flow(
     on an autocommit connection (the caller's if it is one and idle, else a
     side connection). Raises `ex` itself whenever it does not retry.
     """
-    in_savepoint = mode is Mode.SAVEPOINT or mode is Mode.SAVEPOINT_INLINE
+    in_savepoint = mode is Mode.SAVEPOINT
     if in_savepoint or mode is Mode.OPENED:
         try:
             yield _drive.Query(_ROLLBACK_TO if in_savepoint else "ROLLBACK")
@@ -232,33 +222,6 @@ def _heal(result: ResyncResult, database: str, constraint: str, started: float) 
     )
 
 
-def _inline(
-    cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any],
-    binder: psycopg.ClientCursor[Any] | psycopg.AsyncClientCursor[Any],
-    query: Query,
-    params: Params | None,
-    prepare: bool | None,
-    binary: bool | None,
-) -> sql.Composed | None:
-    """The statement between SAVEPOINT and RELEASE as one simple-protocol string.
-
-    One message, no pipeline: the cheapest way to keep a savepoint around a
-    statement. Values are bound by psycopg's own client-side binding (as
-    Django does by default). None where that cannot express the call: binary
-    or prepared execution, raw ($1) cursors, template strings, values with no
-    text form; the pipelined savepoint serves those.
-    """
-    if binary or prepare or isinstance(query, Template) or isinstance(cursor, _RAW_CURSORS):
-        return None
-    try:
-        text = binder.mogrify(cast(Any, query), params).rstrip()
-    except Exception:
-        return None
-    text = text.removesuffix(";")
-    # Newlines end a trailing "--" comment before our RELEASE.
-    return sql.SQL("{};\n{}\n;\n{}").format(sql.SQL(_SAVEPOINT), sql.SQL(text), sql.SQL(_RELEASE))
-
-
 def _worth_a_side_connection(ex: pgerrors.UniqueViolation, not_healable: NotHealable) -> bool:
     key = constraint_of(ex)
     return key is not None and key not in not_healable
@@ -304,17 +267,7 @@ class HealingCursor(psycopg.Cursor[Row]):
         def again() -> Any:
             return run(cast(Any, query), params, prepare=prepare, binary=binary)
 
-        first = again
-        if mode is Mode.SAVEPOINT:
-            inline = _inline(self, conn._selfheal_binder(), query, params, prepare, binary)
-            if inline is not None:
-
-                def first() -> Any:
-                    run(inline)
-                    self.nextset()  # onto the caller's statement's result
-
-                mode = Mode.SAVEPOINT_INLINE
-        self._protected(conn, mode, first, again)
+        self._protected(conn, mode, again)
         return self
 
     def executemany(
@@ -335,7 +288,7 @@ class HealingCursor(psycopg.Cursor[Row]):
                     return run(query, rows, returning=returning)
             return run(query, rows, returning=returning)
 
-        self._protected(conn, mode, again, again)
+        self._protected(conn, mode, again)
 
     @contextmanager
     def copy(
@@ -350,22 +303,18 @@ class HealingCursor(psycopg.Cursor[Row]):
             conn._selfheal_heal_only(ex)
             raise
 
-    def _protected(
-        self,
-        conn: HealingConnection[Any],
-        mode: Mode,
-        first: Callable[[], Any],
-        again: Callable[[], Any],
-    ) -> Any:
+    def _protected(self, conn: HealingConnection[Any], mode: Mode, again: Callable[[], Any]) -> Any:
         try:
             if mode is Mode.SAVEPOINT:
+                # One round trip, and the caller's statement runs exactly as
+                # it would on its own: same cursor, adapters, binding, prepare.
                 inner = conn._selfheal_inner_cursor()
                 with conn.pipeline():
                     inner.execute(_SAVEPOINT)
-                    first()
+                    again()
                     inner.execute(_RELEASE)
                 return None
-            return first()
+            return again()
         except pgerrors.UniqueViolation as ex:
             if mode is Mode.HEAL_ONLY:
                 conn._selfheal_heal_only(ex)
@@ -393,7 +342,6 @@ class HealingConnection(psycopg.Connection[Row]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._selfheal_not_healable = NotHealable()
         self._selfheal_inner: psycopg.Cursor[Any] | None = None
-        self._selfheal_client: psycopg.ClientCursor[Any] | None = None
         super().__init__(*args, **kwargs)
 
     def _selfheal_inner_cursor(self) -> psycopg.Cursor[Any]:
@@ -401,12 +349,6 @@ class HealingConnection(psycopg.Connection[Row]):
         if self._selfheal_inner is None:
             self._selfheal_inner = psycopg.Cursor(self)
         return self._selfheal_inner
-
-    def _selfheal_binder(self) -> psycopg.ClientCursor[Any]:
-        # A client-side binding cursor, used only to mogrify.
-        if self._selfheal_client is None:
-            self._selfheal_client = psycopg.ClientCursor(self)
-        return self._selfheal_client
 
     @property
     def cursor_factory(self) -> type[psycopg.Cursor[Row]]:
@@ -461,17 +403,7 @@ class AsyncHealingCursor(psycopg.AsyncCursor[Row]):
         async def again() -> Any:
             return await run(cast(Any, query), params, prepare=prepare, binary=binary)
 
-        first = again
-        if mode is Mode.SAVEPOINT:
-            inline = _inline(self, conn._selfheal_binder(), query, params, prepare, binary)
-            if inline is not None:
-
-                async def first() -> Any:
-                    await run(inline)
-                    self.nextset()  # onto the caller's statement's result
-
-                mode = Mode.SAVEPOINT_INLINE
-        await self._protected(conn, mode, first, again)
+        await self._protected(conn, mode, again)
         return self
 
     async def executemany(
@@ -490,7 +422,7 @@ class AsyncHealingCursor(psycopg.AsyncCursor[Row]):
                     return await run(query, rows, returning=returning)
             return await run(query, rows, returning=returning)
 
-        await self._protected(conn, mode, again, again)
+        await self._protected(conn, mode, again)
 
     @asynccontextmanager
     async def copy(
@@ -506,21 +438,17 @@ class AsyncHealingCursor(psycopg.AsyncCursor[Row]):
             raise
 
     async def _protected(
-        self,
-        conn: AsyncHealingConnection[Any],
-        mode: Mode,
-        first: Callable[[], Awaitable[Any]],
-        again: Callable[[], Awaitable[Any]],
+        self, conn: AsyncHealingConnection[Any], mode: Mode, again: Callable[[], Awaitable[Any]]
     ) -> Any:
         try:
             if mode is Mode.SAVEPOINT:
                 inner = conn._selfheal_inner_cursor()
                 async with conn.pipeline():
                     await inner.execute(_SAVEPOINT)
-                    await first()
+                    await again()
                     await inner.execute(_RELEASE)
                 return None
-            return await first()
+            return await again()
         except pgerrors.UniqueViolation as ex:
             if mode is Mode.HEAL_ONLY:
                 await conn._selfheal_heal_only(ex)
@@ -538,18 +466,12 @@ class AsyncHealingConnection(psycopg.AsyncConnection[Row]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._selfheal_not_healable = NotHealable()
         self._selfheal_inner: psycopg.AsyncCursor[Any] | None = None
-        self._selfheal_client: psycopg.AsyncClientCursor[Any] | None = None
         super().__init__(*args, **kwargs)
 
     def _selfheal_inner_cursor(self) -> psycopg.AsyncCursor[Any]:
         if self._selfheal_inner is None:
             self._selfheal_inner = psycopg.AsyncCursor(self)
         return self._selfheal_inner
-
-    def _selfheal_binder(self) -> psycopg.AsyncClientCursor[Any]:
-        if self._selfheal_client is None:
-            self._selfheal_client = psycopg.AsyncClientCursor(self)
-        return self._selfheal_client
 
     @property
     def cursor_factory(self) -> type[psycopg.AsyncCursor[Row]]:

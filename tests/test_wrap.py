@@ -476,9 +476,9 @@ class TestPool:
         assert conn.execute("SELECT count(*) FROM payments").fetchone() == (16,)
 
 
-class TestSavepointTransport:
-    """Inside a transaction a protected statement travels with its savepoint either as
-    one simple-protocol string (client-side binding) or in a pipeline."""
+class TestSavepointFidelity:
+    """Inside a transaction the caller's statement runs exactly as on plain psycopg:
+    the savepoint travels beside it, never inside it."""
 
     @pytest.fixture
     def tx(self, conn: psycopg.Connection, dsn: str) -> Iterator[HealingConnection]:
@@ -488,15 +488,26 @@ class TestSavepointTransport:
             yield hc
             hc.rollback()
 
-    @pytest.mark.parametrize("tail", ["", ";", " ;  ", "\n-- a trailing comment", "; -- c"])
-    def test_statement_tails(self, tx: HealingConnection, tail: str) -> None:
-        """Trailing semicolons and comments do not swallow the RELEASE."""
-        cur = tx.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id" + tail, ("t",))
-        assert cur.fetchone() == (13,)
-        assert (cur.rowcount, cur.statusmessage) == (1, "INSERT 0 1")
-        cur = tx.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id" + tail, ("u",))
-        assert cur.fetchone() == (14,)
-        assert tx.execute("SELECT count(*) FROM pg_stat_activity").fetchone() is not None
+    def test_cursor_adapters_kept(self, tx: HealingConnection) -> None:
+        """Dumpers registered on the cursor bind the values, as without selfheal."""
+        class Upper(psycopg.adapt.Dumper):
+            oid = psycopg.adapters.types["text"].oid
+
+            def dump(self, obj: str) -> bytes:
+                return obj.upper().encode()
+
+        cur = tx.cursor()
+        cur.adapters.register_dumper(str, Upper)
+        cur.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id, note", ("hello",))
+        assert cur.fetchone() == (13, "HELLO")
+
+    def test_one_result_set(self, tx: HealingConnection) -> None:
+        """The cursor holds the caller's result only: no savepoint results to step over."""
+        cur = tx.execute("INSERT INTO payments (note) VALUES ('a') RETURNING id")
+        assert (cur.statusmessage, cur.rowcount, cur.fetchall()) == ("INSERT 0 1", 1, [(13,)])
+        assert cur.nextset() is None
+        cur = tx.execute("UPDATE payments SET note = 'u' WHERE id <= 5")
+        assert (cur.statusmessage, cur.rowcount) == ("UPDATE 5", 5)
 
     def test_values_kept_exactly(self, tx: HealingConnection) -> None:
         """Quotes, percent signs, backslashes and NULL arrive unchanged."""
@@ -506,17 +517,16 @@ class TestSavepointTransport:
         assert tx.execute("SELECT note FROM payments WHERE id > 12 ORDER BY id").fetchall() == [
             (note,), (None,)]
 
-    def test_multi_row_rowcount(self, tx: HealingConnection) -> None:
-        """rowcount and results describe the caller's statement, not the savepoint."""
-        cur = tx.cursor()
-        cur.execute("UPDATE payments SET note = %s WHERE id <= %s", ("u", 5))
-        assert (cur.rowcount, cur.statusmessage) == (5, "UPDATE 5")
-        cur.execute("INSERT INTO payments (note) SELECT 'm' FROM generate_series(1, 3)"
-                    " RETURNING id")
-        assert cur.fetchall() == [(13,), (14,), (15,)]
+    def test_prepared_statements_still_used(self, tx: HealingConnection) -> None:
+        """Statements repeated in a transaction are prepared, as psycopg does by default."""
+        for _ in range(6):
+            tx.execute("INSERT INTO payments (note) VALUES (%s)", ("p",))
+        names = tx.execute("SELECT count(*) FROM pg_prepared_statements"
+                           " WHERE statement LIKE 'INSERT INTO payments%%'").fetchone()
+        assert names == (1,)
 
-    def test_raw_cursor_uses_pipeline(self, conn: psycopg.Connection, dsn: str) -> None:
-        """Raw ($1) cursors keep server-side binding: the pipelined savepoint serves them."""
+    def test_raw_cursor(self, conn: psycopg.Connection, dsn: str) -> None:
+        """Raw ($1) cursors are protected too."""
         make_drifted(conn, 12)
         with HealingConnection.connect(dsn, cursor_factory=psycopg.RawCursor) as hc:
             hc.execute("SELECT 1")
@@ -524,13 +534,14 @@ class TestSavepointTransport:
             assert cur.fetchone() == (13,)
             hc.commit()
 
-    def test_binary_uses_pipeline(self, tx: HealingConnection) -> None:
-        """binary=True cannot be sent as text: the pipelined savepoint serves it."""
+    def test_binary(self, tx: HealingConnection) -> None:
+        """binary=True results come back binary after a heal."""
         cur = tx.cursor()
         cur.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id", ("b",), binary=True)
         assert cur.fetchone() == (13,)
+        assert cur.pgresult is not None and cur.pgresult.fformat(0) == 1
 
-    def test_rollback_to_keeps_caller_savepoints(self, tx: HealingConnection) -> None:
+    def test_caller_savepoints_kept(self, tx: HealingConnection) -> None:
         """The caller's own savepoints survive selfheal's."""
         tx.execute("SAVEPOINT mine")
         tx.execute("INSERT INTO payments (note) VALUES ('inside')")
