@@ -124,9 +124,9 @@ def _story(conn: psycopg.Connection[Any], dsn: str, kept: list[dict[str, Any]]) 
     if os.environ.get("SENTRY_DSN"):
         _say("   sent to the project of SENTRY_DSN.")
     for event in kept:
-        shown = {k: event.get(k) for k in ("level", "message", "tags", "fingerprint")}
-        shown["contexts.selfheal"] = event.get("contexts", {}).get("selfheal")
-        _say("   " + json.dumps(shown, indent=2).replace("\n", "\n   "))
+        for key in ("level", "message", "tags", "fingerprint"):
+            _say(f"   {key}: {json.dumps(event.get(key))}")
+        _say(f"   contexts.selfheal: {json.dumps(event.get('contexts', {}).get('selfheal'))}")
     if not os.environ.get("SENTRY_DSN"):
         _say("   (shown, not sent: set SENTRY_DSN to send it to your Sentry)")
     _say()

@@ -71,3 +71,33 @@ class TestExamples:
                              env={**env, "DATABASE_URL": dsn},
                              capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
+
+
+class TestDemo:
+    def test_python_m_selfheal_demo(self, dsn: str) -> None:
+        """`python -m selfheal demo` tells the whole story and exits 0."""
+        out = subprocess.run(
+            [sys.executable, "-m", "selfheal", "demo", "--dsn", dsn],
+            env={k: v for k, v in os.environ.items() if k != "SENTRY_DSN"},
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert "Key (id)=(12) already exists." in text
+        assert "selfheal_demo.payments: max(id) = 40, next value = 13  -> DRIFTED" in text
+        [event] = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+        assert (event["event"], event["before"], event["after"]) == ("sequence_resynced", 14, 41)
+        assert "succeeded, new payment id 41" in text
+        assert 'tags: {"selfheal.database"' in text
+        assert "max(id) = 41, next value = 42  -> in sync" in text
+
+    def test_demo_bad_dsn(self) -> None:
+        """A DSN that cannot be reached: one line on stderr, exit 2, no traceback."""
+        out = subprocess.run(
+            [sys.executable, "-m", "selfheal", "demo", "--dsn",
+             "postgresql://nobody@127.0.0.1:1/x?connect_timeout=2"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert out.returncode == 2
+        assert "Traceback" not in out.stderr
+        assert out.stderr.startswith("selfheal demo: error:")
