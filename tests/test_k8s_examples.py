@@ -93,9 +93,11 @@ class TestEntrypoint:
 
     @pytest.fixture(autouse=True)
     def _needs_cli(self) -> None:
+        # `make test` installs the project, console script included.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        if shutil.which("selfheal", path=path) is None:
-            pytest.skip("the selfheal script is not installed next to this Python")
+        assert shutil.which("selfheal", path=path) is not None, (
+            "the selfheal script is not installed next to this Python: pip install -e ."
+        )
 
     def test_fixes_when_asked(self, conn: psycopg.Connection, dsn: str) -> None:
         """SELFHEAL_FIX_ON_START=1 heals the database, then starts the app."""
