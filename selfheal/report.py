@@ -25,12 +25,12 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import structlog
 
-__all__ = ["Heal", "HealFailure", "logger", "resync_failed", "resynced"]
+__all__ = ["Heal", "HealFailure", "Location", "logger", "resync_failed", "resynced"]
 
 logger = structlog.get_logger("selfheal")
 _fallback = logging.getLogger("selfheal")
@@ -47,8 +47,8 @@ SENTRY_INTERVAL = 300.0
 
 
 @dataclass(frozen=True)
-class Heal:
-    """One heal of a table's sequence, as the audit event reports it."""
+class Location:
+    """Where a heal happened: the fields every audit event starts with."""
 
     database: str
     schema: str
@@ -56,6 +56,12 @@ class Heal:
     column: str
     constraint: str
     sequence: str
+
+
+@dataclass(frozen=True)
+class Heal(Location):
+    """One heal of a table's sequence, as the audit event reports it."""
+
     #: What the next nextval() returned before and after the heal.
     before: int
     after: int
@@ -74,15 +80,9 @@ class Heal:
 
 
 @dataclass(frozen=True)
-class HealFailure:
+class HealFailure(Location):
     """A heal that could not happen; the caller got `original` back."""
 
-    database: str
-    schema: str
-    table: str
-    column: str
-    constraint: str
-    sequence: str
     #: Why the heal failed (a `selfheal.errors.SelfhealError`).
     error: BaseException
     duration_ms: float
@@ -90,8 +90,8 @@ class HealFailure:
     original: BaseException | None = None
 
     def fields(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("database", "schema", "table", "column",
-                                              "constraint", "sequence", "duration_ms")}
+        out = {f.name: getattr(self, f.name) for f in fields(Location)}
+        out["duration_ms"] = self.duration_ms
         out["error_class"] = type(self.error).__name__
         out["error"] = str(self.error)
         return out
