@@ -6,7 +6,9 @@ Used by the demo and the test suite, so neither needs a server installed.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ def start_server(*, fast: bool = True) -> tuple[str, Any]:
         ) from ex
     base = Path(tempfile.mkdtemp(prefix="selfheal-pg-"))
     os.chmod(base, 0o755)  # as root the server runs as its own system user
+    # Registered first, so it runs last at exit: after the server's own
+    # cleanup has stopped it and removed the data directory inside.
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
     server = get_server(base / "data", cleanup_mode="delete")
     uri = server.get_uri()
     if fast:
