@@ -23,7 +23,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from . import __version__, fleet
-from .errors import SelfhealError
+from .errors import SelfhealError, first_line
 from .fleet import FleetReport, SequenceReport
 from .resync import LOCK_TIMEOUT
 
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except (SelfhealError, psycopg.Error, OSError) as ex:
-        message = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        message = first_line(ex)
     except KeyboardInterrupt:
         message = "interrupted"
     except Exception as ex:

@@ -22,6 +22,7 @@ import structlog
 from psycopg import sql
 
 from . import check
+from .errors import first_line
 from .wrap import HealingConnection
 
 SCHEMA = "selfheal_demo"
@@ -155,5 +156,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(dsn)
     except psycopg.Error as ex:
-        print(f"selfheal demo: error: {str(ex).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"selfheal demo: error: {first_line(ex)}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ psycopg error as ``__cause__`` and its SQLSTATE in `sqlstate`.
 from __future__ import annotations
 
 __all__ = [
+    "first_line",
     "LockTimeout",
     "NoSequence",
     "PermissionDenied",
@@ -18,6 +19,13 @@ __all__ = [
     "SequenceExhausted",
     "TableNotFound",
 ]
+
+
+def first_line(ex: BaseException) -> str:
+    """The first line of an error's message (the server's DETAIL lines left out),
+    or its class name when it has no message: what a one-line report shows."""
+    text = str(ex).strip()
+    return text.splitlines()[0].strip() if text else type(ex).__name__
 
 
 class SelfhealError(Exception):

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import SelfhealError
+from .errors import SelfhealError, first_line
 from .resync import LOCK_TIMEOUT, ResyncResult, SequenceStatus, check, resync, target_value
 
 __all__ = [
@@ -231,7 +231,7 @@ def _validate_dsn(dsn: str) -> None:
     try:
         conninfo_to_dict(dsn)
     except psycopg.Error as ex:
-        raise FleetError(f"invalid DSN: {_first_line(ex)}") from ex
+        raise FleetError(f"invalid DSN: {first_line(ex)}") from ex
 
 
 def _validate_like(pattern: str, what: str) -> None:
@@ -241,16 +241,11 @@ def _validate_like(pattern: str, what: str) -> None:
         raise FleetError(f"bad {what} pattern {pattern!r}: it ends with the escape character \\")
 
 
-def _first_line(ex: BaseException) -> str:
-    text = str(ex).strip()
-    return text.splitlines()[0].strip() if text else type(ex).__name__
-
-
 def _admin(dsn: str, connect_timeout: float) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(_session_conninfo(dsn, connect_timeout, None), autocommit=True)
     except psycopg.Error as ex:
-        raise FleetError(f"cannot connect to {redact(dsn)}: {_first_line(ex)}") from ex
+        raise FleetError(f"cannot connect to {redact(dsn)}: {first_line(ex)}") from ex
 
 
 def _list_databases(dsn: str, pattern: str, connect_timeout: float) -> Plan:
@@ -279,7 +274,7 @@ def _run_tenants_query(dsn: str, query: str, connect_timeout: float) -> list[Tar
             # Operator-supplied SQL, run as given: it is the operator's own query.
             rows = conn.execute(query.encode()).fetchall()
         except psycopg.Error as ex:
-            raise FleetError(f"tenants query failed on {redact(dsn)}: {_first_line(ex)}") from ex
+            raise FleetError(f"tenants query failed on {redact(dsn)}: {first_line(ex)}") from ex
     targets: list[Target] = []
     for number, row in enumerate(rows, 1):
         if not row or not isinstance(row[0], str) or not row[0]:
@@ -409,7 +404,7 @@ def _check_one(
         with _connect(target, connect_timeout, lock_timeout) as conn:
             found = check(conn, schema, tables=tables)
     except (psycopg.Error, SelfhealError) as ex:
-        return DatabaseReport(target, error=_first_line(ex))
+        return DatabaseReport(target, error=first_line(ex))
     return DatabaseReport(target, [SequenceReport(target.name, s) for s in found])
 
 
@@ -427,11 +422,11 @@ def _fix_one(
                     result = resync(conn, seq.found.table, seq.found.schema,
                                     lock_timeout=lock_timeout)
                 except (psycopg.Error, SelfhealError) as ex:
-                    done.append(replace(seq, error=_first_line(ex)))
+                    done.append(replace(seq, error=first_line(ex)))
                 else:
                     done.append(replace(seq, resync=result))
     except psycopg.Error as ex:
-        return replace(db, error=_first_line(ex))
+        return replace(db, error=first_line(ex))
     return replace(db, sequences=done)
 
 

@@ -321,7 +321,7 @@ def _guarded_setval(info: TableInfo, target: int) -> Query:
 def _translate(ex: psycopg.Error, info: TableInfo) -> errors.SelfhealError:
     where = f"{info.qualified_table} (sequence {info.sequence})"
     state = ex.sqlstate
-    detail = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+    detail = errors.first_line(ex)
     if isinstance(ex, pgerrors.LockNotAvailable):
         return errors.LockTimeout(f"lock wait timed out while resyncing {where}", sqlstate=state)
     if isinstance(ex, pgerrors.InsufficientPrivilege):

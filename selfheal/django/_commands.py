@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from argparse import ArgumentParser, ArgumentTypeError
+from argparse import ArgumentParser
 from dataclasses import replace
 from typing import Any
 
@@ -19,25 +19,10 @@ import psycopg
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
-from ..cli import render_json, render_table
-from ..errors import SelfhealError
+from ..cli import _seconds, render_json, render_table
+from ..errors import SelfhealError, first_line
 from ..fleet import DatabaseReport, FleetReport, SequenceReport, Target
 from ..resync import LOCK_TIMEOUT, check, resync
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
-def _first_line(ex: BaseException) -> str:
-    text = str(ex).strip()
-    return text.splitlines()[0] if text else type(ex).__name__
 
 
 class SequenceCommand(BaseCommand):
@@ -76,7 +61,7 @@ class SequenceCommand(BaseCommand):
             seqs = [SequenceReport(name, s) for s in check(conn, options["schema"],
                                                            tables=options["table"])]
         except (SelfhealError, psycopg.Error, DatabaseError) as ex:
-            raise CommandError(_first_line(ex), returncode=2) from ex
+            raise CommandError(first_line(ex), returncode=2) from ex
         problem = _missing(seqs, name, options["schema"], options["table"])
         if problem:
             raise CommandError(problem, returncode=2)
@@ -113,7 +98,7 @@ class SequenceCommand(BaseCommand):
             return replace(seq, resync=resync(conn, seq.found.table, seq.found.schema,
                                               lock_timeout=lock_timeout))
         except (SelfhealError, psycopg.Error) as ex:
-            return replace(seq, error=_first_line(ex))
+            return replace(seq, error=first_line(ex))
 
 
 def _missing(seqs: list[SequenceReport], name: str, schema: str | None,
