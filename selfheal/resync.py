@@ -189,11 +189,12 @@ def scoped(status: TransactionStatus, autocommit: bool, body: Operation[T]) -> O
     return result
 
 
-def _bounds(lock_timeout: float, statement_timeout: float) -> Query:
-    return Query(
-        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
-        (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms"),
-    )
+def _timeouts(lock_timeout: float, statement_timeout: float) -> dict[str, str]:
+    """The heal's bounds as server settings, for our scope and any side connection."""
+    return {
+        "lock_timeout": f"{int(lock_timeout * 1000)}ms",
+        "statement_timeout": f"{int(statement_timeout * 1000)}ms",
+    }
 
 
 def _key_extremes(info: TableInfo) -> sql.Composed:
@@ -228,21 +229,20 @@ def advance(
     With CACHE n > 1 it may still hold pre-allocated values below the keys,
     which its retry would draw; drawing n more values empties that cache.
     """
+    timeouts = _timeouts(lock_timeout, statement_timeout)
     try:
-        yield _bounds(lock_timeout, statement_timeout)
+        yield Query(
+            "SELECT set_config('lock_timeout', %(lock_timeout)s, true),"
+            " set_config('statement_timeout', %(statement_timeout)s, true)",
+            timeouts,
+        )
         yield Query("SELECT pg_advisory_xact_lock(%s)", (_lock_key(info),))
         (key_max, key_min), = yield Query(_key_extremes(info))
         (last, called, isolation), = yield _seq_state(info)
         if isolation != "read committed":
             # The caller's snapshot predates rows committed since; also look
             # at them from a fresh one, and keep the caller's own rows too.
-            (fmax, fmin), = yield FreshQuery(
-                Query(_key_extremes(info)),
-                {
-                    "lock_timeout": f"{int(lock_timeout * 1000)}ms",
-                    "statement_timeout": f"{int(statement_timeout * 1000)}ms",
-                },
-            )
+            (fmax, fmin), = yield FreshQuery(Query(_key_extremes(info)), timeouts)
             key_max = _pick(max, key_max, fmax)
             key_min = _pick(min, key_min, fmin)
         key = key_max if info.increment > 0 else key_min
