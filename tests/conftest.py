@@ -114,6 +114,15 @@ def make_role(conn: psycopg.Connection, dsn: str) -> Iterator[Callable[..., str]
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
+def lock_key(conn: psycopg.Connection, table: str) -> int:
+    """The advisory lock key selfheal's healers of `table`'s sequence take."""
+    from selfheal._drive import run
+    from selfheal.discover import describe
+    from selfheal.resync import _lock_key
+
+    return _lock_key(run(conn, describe(table)))
+
+
 def seq_next(conn: psycopg.Connection, seq: str) -> int:
     """What nextval() on `seq` (a qualified name as SQL text) would return, read without drawing."""
     row = conn.execute(

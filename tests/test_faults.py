@@ -17,12 +17,9 @@ from structlog.testing import capture_logs
 
 import selfheal
 from selfheal import HealingConnection
-from selfheal._drive import run
-from selfheal.discover import describe
-from selfheal.resync import _lock_key
 
 from . import pgctl
-from .conftest import seq_next
+from .conftest import lock_key, seq_next
 from .test_wrap import make_drifted
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,10 +34,6 @@ def wait_for(conn: psycopg.Connection, query: str, timeout: float = 10) -> int:
             return int(row[0])
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for: {query}")
-
-
-def lock_key(conn: psycopg.Connection, table: str) -> int:
-    return _lock_key(run(conn, describe(table)))
 
 
 class TestKilledBackends:

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from selfheal import HealingConnection
 from selfheal.sentry import SelfhealIntegration
 
+from .conftest import lock_key
 from .test_wrap import make_drifted
 
 SECRET = "card-4111-1111"  # a row value that must never leave the process
@@ -98,12 +99,8 @@ class TestAuditEvents:
 
     def test_failed_event(self, conn: psycopg.Connection, dsn: str) -> None:
         """sequence_resync_failed names the location and the error class."""
-        from selfheal._drive import run
-        from selfheal.discover import describe
-        from selfheal.resync import _lock_key
-
         make_drifted(conn)
-        key = _lock_key(run(conn, describe("payments")))
+        key = lock_key(conn, "payments")
         cls = HealingConnection.with_options(lock_timeout=0.1)
         with psycopg.connect(dsn) as holder, cls.connect(dsn, autocommit=True) as hc:
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (key,))

@@ -13,7 +13,7 @@ from psycopg import sql
 import selfheal
 from selfheal.resync import target_value
 
-from .conftest import round_trips, seq_next
+from .conftest import lock_key, round_trips, seq_next
 
 
 def drift(conn: psycopg.Connection, table: str, n: int, column: str = "id") -> None:
@@ -374,13 +374,8 @@ class TestTransactions:
         """A healer holding the advisory lock makes another wait only lock_timeout."""
         conn.execute("CREATE TABLE t (id serial PRIMARY KEY)")
         drift(conn, "t", 3)
-        from selfheal._drive import run
-        from selfheal.discover import describe
-        from selfheal.resync import _lock_key
-
-        info = run(conn, describe("t"))
         with psycopg.connect(dsn) as holder:
-            holder.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(info),))
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(conn, "t"),))
             with psycopg.connect(dsn, autocommit=True) as c:
                 t0 = time.monotonic()
                 with pytest.raises(selfheal.LockTimeout):

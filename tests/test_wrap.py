@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 import selfheal
 from selfheal import HealingConnection
 
-from .conftest import round_trips, seq_next
+from .conftest import lock_key, round_trips, seq_next
 
 
 def make_drifted(conn: psycopg.Connection, behind: int = 12, table: str = "payments") -> None:
@@ -383,11 +383,7 @@ class TestCannotHeal:
     def test_lock_timeout(self, conn: psycopg.Connection, dsn: str) -> None:
         """A heal that cannot get its lock in time re-raises the original error."""
         make_drifted(conn)
-        from selfheal._drive import run
-        from selfheal.discover import describe
-        from selfheal.resync import _lock_key
-
-        key = _lock_key(run(conn, describe("payments")))
+        key = lock_key(conn, "payments")
         cls = HealingConnection.with_options(lock_timeout=0.2)
         with psycopg.connect(dsn) as holder, cls.connect(dsn, autocommit=True) as hc:
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
