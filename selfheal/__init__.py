@@ -22,27 +22,20 @@ from .errors import (
     TableNotFound,
 )
 
+# Connections that heal and retry.
+from .heal import HealOptions
+
 # Finding and fixing drift, one table or a whole database.
 from .resync import ResyncResult, SequenceStatus, acheck, aresync, check, resync
-
-# Connections that heal and retry.
-from .wrap import (
-    AsyncHealingConnection,
-    AsyncHealingCursor,
-    HealingConnection,
-    HealingCursor,
-    HealOptions,
-)
+from .wrap import AsyncHealingConnection, HealingConnection
 
 __version__ = "0.1.0"
 
 __all__ = [
     # healing connections
     "AsyncHealingConnection",
-    "AsyncHealingCursor",
     "HealOptions",
     "HealingConnection",
-    "HealingCursor",
     # resync / check
     "ResyncResult",
     "SequenceStatus",

@@ -120,13 +120,17 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
     if isinstance(req, Query):
         cur = psycopg.Cursor(conn, row_factory=tuple_row)
         with cur:
-            cur.execute(req.query, req.params)
+            # Never prepared: selfheal's statements stay out of the caller's
+            # prepared-statement cache.
+            cur.execute(req.query, req.params, prepare=False)
+            if conn._pipeline is not None:
+                conn._pipeline.sync()  # inside executemany()'s own pipeline
             return _fetch(cur)
     if isinstance(req, Batch):
         curs = [psycopg.Cursor(conn, row_factory=tuple_row) for _ in req.queries]
         with conn.pipeline():
             for cur, q in zip(curs, req.queries, strict=True):
-                cur.execute(q.query, q.params)
+                cur.execute(q.query, q.params, prepare=False)
         return [_fetch(cur) for cur in curs]
     with psycopg.Connection.connect(
         conninfo_of(conn), autocommit=True, options=_options(req.settings)
@@ -169,13 +173,15 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
     if isinstance(req, Query):
         cur = psycopg.AsyncCursor(aconn, row_factory=tuple_row)
         async with cur:
-            await cur.execute(req.query, req.params)
+            await cur.execute(req.query, req.params, prepare=False)
+            if aconn._pipeline is not None:
+                await aconn._pipeline.sync()
             return await _afetch(cur)
     if isinstance(req, Batch):
         curs = [psycopg.AsyncCursor(aconn, row_factory=tuple_row) for _ in req.queries]
         async with aconn.pipeline():
             for cur, q in zip(curs, req.queries, strict=True):
-                await cur.execute(q.query, q.params)
+                await cur.execute(q.query, q.params, prepare=False)
         return [await _afetch(cur) for cur in curs]
     async with await psycopg.AsyncConnection.connect(
         conninfo_of(aconn), autocommit=True, options=_options(req.settings)

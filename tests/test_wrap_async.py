@@ -10,7 +10,6 @@ import pytest
 from psycopg import errors as pgerrors
 from structlog.testing import capture_logs
 
-import selfheal
 from selfheal import AsyncHealingConnection, HealingConnection
 
 from .conftest import seq_next
@@ -129,7 +128,6 @@ class TestTwins:
         ("sync", "async_"),
         [
             (HealingConnection, AsyncHealingConnection),
-            (selfheal.HealingCursor, selfheal.AsyncHealingCursor),
         ],
     )
     def test_same_public_methods(self, sync: type, async_: type) -> None:

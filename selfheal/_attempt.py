@@ -1,0 +1,205 @@
+"""
+The caller's statement as psycopg runs it, and the protected ways to run it.
+
+Every cursor operation of psycopg ends in ``connection.wait(gen)``, where
+`gen` is an I/O-free generator of the cursor (``_execute_gen`` for
+``execute()``, ``_executemany_gen_*`` for ``executemany()``). A healing
+connection overrides ``wait()``, so the caller's cursor stays exactly the
+class the caller chose: `call_of` recognises those generators and reads the
+statement they were made for, and the generators below wrap a fresh copy of
+one in selfheal's protection. They are I/O-free too (psycopg's own ``PQGen``),
+so the sync and async connections run the very same code.
+
+Anything not recognised (another cursor method, a cursor class that replaces
+these generators, a future psycopg) is run as it is: never worse than plain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg._cursor_base import BaseCursor
+from psycopg._pipeline_base import BasePipeline
+from psycopg.abc import PQGen
+
+from ._sqltext import Shape, shape_of
+
+__all__ = [
+    "EXIT",
+    "Call",
+    "call_of",
+    "collect",
+    "queued",
+    "savepointed",
+    "savepointed_plain",
+    "shape",
+]
+
+_EXECUTE = BaseCursor._execute_gen.__code__
+_MANY_PIPELINE = BaseCursor._executemany_gen_pipeline.__code__
+_MANY_NO_PIPELINE = BaseCursor._executemany_gen_no_pipeline.__code__
+
+#: psycopg's generator that syncs and leaves a pipeline.
+EXIT = BasePipeline._exit_gen.__code__
+
+_SAVEPOINT = b"SAVEPOINT _selfheal"
+_RELEASE = b"RELEASE SAVEPOINT _selfheal"
+
+
+@dataclass
+class Call:
+    """One ``execute()`` or ``executemany()`` of the caller, ready to run again."""
+
+    cursor: Any
+    query: Any
+    #: execute(): the parameters; executemany(): the list of parameter sets.
+    params: Any
+    many: bool
+    #: executemany() inside a pipeline (its own, or the caller's).
+    pipelined: bool
+    prepare: bool | None = None
+    binary: bool | None = None
+    returning: bool = False
+
+    def gen(self) -> PQGen[None]:
+        """A fresh generator of the statement, as the cursor would make it."""
+        cur = self.cursor
+        if not self.many:
+            return cur._execute_gen(  # type: ignore[no-any-return]
+                self.query, self.params, prepare=self.prepare, binary=self.binary
+            )
+        make = cur._executemany_gen_pipeline if self.pipelined else (
+            cur._executemany_gen_no_pipeline)
+        return make(self.query, self.params, self.returning)  # type: ignore[no-any-return]
+
+
+def call_of(gen: Any) -> Call | None:
+    """The caller's statement `gen` will run, or None for any other generator.
+
+    An ``executemany()`` generator is not started yet: its parameters are
+    taken out of it (a retry needs them again) and it must not be run.
+    """
+    code = getattr(gen, "gi_code", None)
+    if code is _EXECUTE:
+        f = gen.gi_frame.f_locals
+        return Call(f["self"], f["query"], f["params"], many=False, pipelined=False,
+                    prepare=f["prepare"], binary=f["binary"])
+    if code is _MANY_PIPELINE or code is _MANY_NO_PIPELINE:
+        f = gen.gi_frame.f_locals
+        return Call(f["self"], f["query"], list(f["params_seq"]), many=True,
+                    pipelined=code is _MANY_PIPELINE, returning=f["returning"])
+    return None
+
+
+def savepointed(conn: Any, pipeline: Any, gen: PQGen[None]) -> PQGen[None]:
+    """Run `gen` under ``SAVEPOINT _selfheal`` in one round trip (a pipeline).
+
+    `pipeline` is a new psycopg pipeline object for `conn`, which is not in
+    pipeline mode. The savepoint commands are sent unnamed and unprepared, so
+    they never enter the caller's prepared-statement cache. Every result is
+    collected before this returns, so an error leaves no aborted pipeline
+    behind (psycopg would log about it) and the connection is out of
+    pipeline mode.
+    """
+    first: psycopg.Error | None = None
+    conn._pipeline = pipeline
+    try:
+        yield from pipeline._enter_gen()
+        try:
+            try:
+                yield from conn._exec_command(_SAVEPOINT)
+                yield from gen
+                yield from conn._exec_command(_RELEASE)
+            except psycopg.Error as ex:
+                first = ex
+            err = yield from collect(pipeline)
+            first = first or err
+        finally:
+            pipeline._exit(first)
+    finally:
+        conn._pipeline = None
+    if first is not None:
+        raise first
+
+
+def queued(conn: Any, gen: PQGen[None], savepoint: bool) -> PQGen[psycopg.Error | None]:
+    """Queue an ``executemany()`` generator in the pipeline it opened.
+
+    Returns the error met while queueing (results may arrive early) instead
+    of raising it: the pipeline is synced when psycopg closes it, and
+    `collect` then reports the first error of all.
+    """
+    try:
+        if savepoint:
+            yield from conn._exec_command(_SAVEPOINT)
+        yield from gen
+        if savepoint:
+            yield from conn._exec_command(_RELEASE)
+    except psycopg.Error as ex:
+        return ex
+    return None
+
+
+def savepointed_plain(conn: Any, gen: PQGen[None]) -> PQGen[None]:
+    """Run `gen` under ``SAVEPOINT _selfheal`` without a pipeline (own round trips)."""
+    yield from conn._exec_command(_SAVEPOINT)
+    yield from gen
+    yield from conn._exec_command(_RELEASE)
+
+
+def collect(pipeline: Any) -> PQGen[psycopg.Error | None]:
+    """Sync `pipeline` and process every result; return the first error.
+
+    psycopg's own sync stops at the first error it meets in a batch of
+    results, and the rest then surface later as "pipeline aborted" in place
+    of the statement's own error. Reading to the end keeps the statement's.
+    """
+    first: psycopg.Error | None = None
+    pipeline._enqueue_sync()
+    try:
+        yield from pipeline._communicate_gen()
+    except psycopg.Error as ex:
+        first = ex
+    while pipeline.result_queue:
+        left = len(pipeline.result_queue)
+        try:
+            yield from pipeline._fetch_gen(flush=False)
+        except psycopg.Error as ex:
+            first = first or ex
+        if len(pipeline.result_queue) == left:
+            break  # nothing more arrives
+    return first
+
+
+#: Shapes of query strings seen in this process, bounded (cleared when full).
+_shapes: dict[str | bytes, Shape] = {}
+_SHAPES_LIMIT = 1024
+
+
+def shape(query: Any, conn: Any) -> Shape:
+    """What the text of `query` says about it; each distinct string read once."""
+    key = query if isinstance(query, (str, bytes)) else None
+    if key is not None and (found := _shapes.get(key)) is not None:
+        return found
+    found = shape_of(_text(query, conn))
+    if key is not None:
+        if len(_shapes) >= _SHAPES_LIMIT:
+            _shapes.clear()
+        _shapes[key] = found
+    return found
+
+
+def _text(query: Any, conn: Any) -> str:
+    if isinstance(query, str):
+        return query
+    if isinstance(query, bytes):
+        return query.decode("utf-8", "replace")
+    if isinstance(query, psycopg.sql.Composable):
+        try:
+            return query.as_string(conn)
+        except Exception:  # psycopg itself will say what is wrong with it
+            return ""
+    return ""
+

@@ -1,0 +1,229 @@
+"""
+What a statement's text says about it, read in one linear pass.
+
+A healing connection needs three facts about the caller's statement before it
+runs: its first keyword (can it draw from a sequence?), whether the string
+holds more than one statement (it cannot share a pipeline with a savepoint,
+and may commit part of its work), and, for an INSERT, which columns it names
+(does it supply the primary key itself?). The scanner below reads each
+character at most once and never backtracks: comments, quoted identifiers,
+string constants (standard, ``E''`` escapes) and dollar quotes are skipped as
+whole tokens. Where the text is not understood, the answers are the cautious
+ones: "may draw", "one statement unknown", "no column list known".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = ["Shape", "shape_of"]
+
+#: Statements that can draw from a sequence, directly or through triggers/rules.
+DRAWING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "CALL", "DO", "EXECUTE"})
+
+#: Statements that may run transaction control in their own body (a procedure
+#: or a DO block that COMMITs): a failure may come after work was committed.
+MAY_COMMIT = frozenset({"CALL", "DO"})
+
+# Tokens: ("word", text), ("ident", text) for a quoted identifier, or a
+# one-character punctuation token such as "(", ")", ",", ".", ";".
+Token = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the text of one query string says about it."""
+
+    #: The first keyword, upper case ("" when there is none, e.g. a blank string).
+    keyword: str
+    #: More than one statement in the string.
+    multi: bool
+    #: For an INSERT: the target table as written (name parts, unquoted,
+    #: unquoted parts folded to lower case), else None.
+    insert_table: tuple[str, ...] | None = None
+    #: For an INSERT with a column list: the columns it names, else None.
+    insert_columns: frozenset[str] | None = None
+
+    @property
+    def may_draw(self) -> bool:
+        """Whether the statement can draw from a sequence (when unsure: True)."""
+        return self.multi or not self.keyword or self.keyword in DRAWING
+
+    @property
+    def may_commit(self) -> bool:
+        """Whether a failure may follow work the statement already committed."""
+        return self.multi or self.keyword in MAY_COMMIT
+
+    def supplies(self, table: str, column: str) -> bool:
+        """Whether this INSERT names `column` of `table` in its column list."""
+        if self.insert_table is None or self.insert_columns is None:
+            return False
+        return self.insert_table[-1] == table and column in self.insert_columns
+
+
+def _tokens(text: str) -> Iterator[Token]:
+    """The tokens of `text`, comments and string constants skipped."""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif text.startswith("--", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif text.startswith("/*", i):
+            i = _skip_block_comment(text, i)
+        elif c == "'" or (c in "eE" and text.startswith("'", i + 1)):
+            i = _skip_string(text, i + 1 if c == "'" else i + 2, escapes=c != "'")
+            yield ("const", "")
+        elif c == '"':
+            j = i + 1
+            parts = []
+            while True:
+                k = text.find('"', j)
+                if k < 0:
+                    return  # unterminated: stop, the server will say what is wrong
+                parts.append(text[j:k])
+                if text.startswith('"', k + 1):
+                    parts.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            yield ("ident", "".join(parts))
+        elif c == "$" and (tag_end := _dollar_tag_end(text, i)) > 0:
+            tag = text[i:tag_end]
+            j = text.find(tag, tag_end)
+            i = n if j < 0 else j + len(tag)
+            yield ("const", "")
+        elif c.isalpha() or c == "_":
+            j = i + 1
+            while j < n and (text[j].isalnum() or text[j] in "_$"):
+                j += 1
+            yield ("word", text[i:j])
+            i = j
+        else:
+            yield (c, c)
+            i += 1
+
+
+def _skip_block_comment(text: str, i: int) -> int:
+    # Block comments nest in PostgreSQL.
+    depth, i, n = 0, i, len(text)
+    while i < n:
+        if text.startswith("/*", i):
+            depth += 1
+            i += 2
+        elif text.startswith("*/", i):
+            depth -= 1
+            i += 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return n
+
+
+def _skip_string(text: str, i: int, *, escapes: bool) -> int:
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if escapes and c == "\\":
+            i += 2
+        elif c == "'":
+            if text.startswith("'", i + 1):
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    return n
+
+
+def _dollar_tag_end(text: str, i: int) -> int:
+    """The end of a ``$tag$`` opening at `i`, or 0 when none opens there."""
+    j, n = i + 1, len(text)
+    if j < n and text[j].isdigit():
+        return 0  # $1 is a parameter
+    while j < n and (text[j].isalnum() or text[j] == "_"):
+        j += 1
+    return j + 1 if j < n and text[j] == "$" else 0
+
+
+def shape_of(text: str) -> Shape:
+    """Classify a query string (linear in its length, no backtracking)."""
+    toks = _tokens(text)
+    keyword = ""
+    for kind, value in toks:
+        if kind == "word":
+            keyword = value.upper()
+            break
+        if kind != "(":
+            # A statement starting with anything else is not understood.
+            return Shape(keyword="", multi=_more_statements(toks, kind))
+    else:
+        return Shape(keyword="", multi=False)
+    if keyword != "INSERT":
+        return Shape(keyword=keyword, multi=_more_statements(toks, ""))
+    table, columns, last = _insert_target(toks)
+    return Shape(keyword=keyword, multi=_more_statements(toks, last),
+                 insert_table=table, insert_columns=columns)
+
+
+def _more_statements(toks: Iterator[Token], last: str) -> bool:
+    """Whether anything but ``;`` follows a ``;`` in the rest of the tokens."""
+    after_semicolon = last == ";"
+    for kind, _ in toks:
+        if kind == ";":
+            after_semicolon = True
+        elif after_semicolon:
+            return True
+    return False
+
+
+def _name(kind: str, value: str) -> str | None:
+    if kind == "word":
+        return value.lower()
+    if kind == "ident":
+        return value
+    return None
+
+
+def _insert_target(
+    toks: Iterator[Token],
+) -> tuple[tuple[str, ...] | None, frozenset[str] | None, str]:
+    """Read ``INTO name [AS alias] [(cols)]`` after INSERT; the last token kind read."""
+    kind, value = next(toks, ("", ""))
+    if kind != "word" or value.upper() != "INTO":
+        return None, None, kind
+    parts: list[str] = []
+    kind, value = next(toks, ("", ""))
+    while (part := _name(kind, value)) is not None:
+        parts.append(part)
+        kind, value = next(toks, ("", ""))
+        if kind != ".":
+            break
+        kind, value = next(toks, ("", ""))
+    if not parts:
+        return None, None, kind
+    table = tuple(parts)
+    if kind == "word" and value.upper() == "AS":
+        next(toks, None)
+        kind, value = next(toks, ("", ""))
+    elif kind == "word" and value.upper() not in ("VALUES", "SELECT", "DEFAULT", "OVERRIDING",
+                                                  "WITH", "TABLE"):
+        kind, value = next(toks, ("", ""))  # an alias without AS
+    if kind != "(":
+        return table, None, kind
+    columns: set[str] = set()
+    for kind, value in toks:
+        if kind == ")":
+            return table, frozenset(columns), kind
+        name = _name(kind, value)
+        if name is not None:
+            columns.add(name)
+        elif kind != ",":
+            # A sub-select or anything else: not a plain column list.
+            return table, None, kind
+    return table, None, ""
