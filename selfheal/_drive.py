@@ -33,10 +33,22 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Command:
+    """Run one statement that returns no rows and takes no parameters (result: []).
+
+    Sent as psycopg sends its own BEGIN and COMMIT: no cursor, never prepared,
+    and unseen by the connection's prepared-statement cache, which a cursor
+    running a ROLLBACK (TO SAVEPOINT) would clear.
+    """
+
+    command: str
+
+
+@dataclass(frozen=True)
 class Batch:
     """Run several statements in one round trip (a pipeline); the result is a list of Rows."""
 
-    queries: Sequence[Query]
+    queries: Sequence[Query | Command]
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Statement:
 #: The one `Statement` request.
 STATEMENT = Statement()
 
-Request: TypeAlias = Query | Batch | FreshQuery | Statement
+Request: TypeAlias = Query | Command | Batch | FreshQuery | Statement
 Operation: TypeAlias = Generator[Request, Any, T]
 
 
@@ -126,12 +138,23 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
             if conn._pipeline is not None:
                 conn._pipeline.sync()  # inside executemany()'s own pipeline
             return _fetch(cur)
+    if isinstance(req, Command):
+        with conn.lock:
+            conn.wait(conn._exec_command(req.command))
+            if conn._pipeline is not None:
+                conn.wait(conn._pipeline._sync_gen())
+        return []
     if isinstance(req, Batch):
         curs = [psycopg.Cursor(conn, row_factory=tuple_row) for _ in req.queries]
         with conn.pipeline():
             for cur, q in zip(curs, req.queries, strict=True):
-                cur.execute(q.query, q.params, prepare=False)
-        return [_fetch(cur) for cur in curs]
+                if isinstance(q, Command):
+                    with conn.lock:
+                        conn.wait(conn._exec_command(q.command))
+                else:
+                    cur.execute(q.query, q.params, prepare=False)
+        return [[] if isinstance(q, Command) else _fetch(cur)
+                for cur, q in zip(curs, req.queries, strict=True)]
     with psycopg.Connection.connect(
         conninfo_of(conn), autocommit=True, options=_options(req.settings)
     ) as side:
@@ -177,12 +200,23 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
             if aconn._pipeline is not None:
                 await aconn._pipeline.sync()
             return await _afetch(cur)
+    if isinstance(req, Command):
+        async with aconn.lock:
+            await aconn.wait(aconn._exec_command(req.command))
+            if aconn._pipeline is not None:
+                await aconn.wait(aconn._pipeline._sync_gen())
+        return []
     if isinstance(req, Batch):
         curs = [psycopg.AsyncCursor(aconn, row_factory=tuple_row) for _ in req.queries]
         async with aconn.pipeline():
             for cur, q in zip(curs, req.queries, strict=True):
-                await cur.execute(q.query, q.params, prepare=False)
-        return [await _afetch(cur) for cur in curs]
+                if isinstance(q, Command):
+                    async with aconn.lock:
+                        await aconn.wait(aconn._exec_command(q.command))
+                else:
+                    await cur.execute(q.query, q.params, prepare=False)
+        return [[] if isinstance(q, Command) else await _afetch(cur)
+                for cur, q in zip(curs, req.queries, strict=True)]
     async with await psycopg.AsyncConnection.connect(
         conninfo_of(aconn), autocommit=True, options=_options(req.settings)
     ) as side:

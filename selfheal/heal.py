@@ -61,9 +61,9 @@ class Mode(enum.Enum):
 
 # Undo the statement, keeping the caller's transaction (SAVEPOINT mode); one
 # round trip, and valid inside a pipeline too.
-_ROLLBACK_TO = _drive.Batch([_drive.Query("ROLLBACK TO SAVEPOINT _selfheal"),
-                             _drive.Query("RELEASE SAVEPOINT _selfheal")])
-_ROLLBACK = _drive.Query("ROLLBACK")
+_ROLLBACK_TO = _drive.Batch([_drive.Command("ROLLBACK TO SAVEPOINT _selfheal"),
+                             _drive.Command("RELEASE SAVEPOINT _selfheal")])
+_ROLLBACK = _drive.Command("ROLLBACK")
 
 #: A statement that fails on purpose: it puts a transaction that selfheal
 #: restored back into the aborted state the plain driver would have left. Its
@@ -157,6 +157,8 @@ def heal_flow(
             value = yield STATEMENT
         except psycopg.Error as err:
             report.resynced(replace(heal, retry="failed"))
+            if _connection_lost(err):
+                raise  # what the caller's pool must see to drop the connection
             raise ex from err
         report.resynced(replace(heal, retry="succeeded"))
         return value
@@ -178,12 +180,11 @@ def _heal(
     started = time.perf_counter()
     in_savepoint = mode is Mode.SAVEPOINT
     status = TransactionStatus.INTRANS if in_savepoint else TransactionStatus.IDLE
-    autocommit = mode is Mode.AUTOCOMMIT or mode is Mode.HEAL_ONLY
     # The lookup and the heal share one scope: a single transaction or savepoint.
     found: list[TableInfo] = []
     body = _lookup_and_advance(key, not_healable, options, mode is not Mode.HEAL_ONLY, found)
     try:
-        result = yield from scoped(status, autocommit, body)
+        result = yield from scoped(status, body)
     except SelfhealError as err:
         if not found:
             return None  # nothing was healed, nothing to report
@@ -227,6 +228,13 @@ def _abort() -> Operation[None]:
         yield _drive.Query(ABORT)
     except psycopg.Error:
         return
+
+
+def _connection_lost(err: psycopg.Error) -> bool:
+    # Client-side failures carry no SQLSTATE; 08 is connection exception,
+    # 57P the server shutting the session down (not 57014, a cancel).
+    state = err.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
 
 def _supplies_key(shape: Shape, key: ConstraintKey, heal: report.Heal) -> bool:

@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from . import errors
-from ._drive import Batch, FreshQuery, Operation, Query, arun, run
+from ._drive import Batch, Command, FreshQuery, Operation, Query, arun, run
 from .discover import TableInfo, describe, list_tables
 
 __all__ = [
@@ -150,7 +150,7 @@ def target_value(next_val: int, increment: int, key_value: int | None) -> int | 
 # -- the operation (I/O-free) --------------------------------------------------
 
 
-def _scope(status: TransactionStatus, autocommit: bool) -> tuple[list[str], list[str]]:
+def _scope(status: TransactionStatus) -> tuple[list[str], list[str]]:
     """Statements that open and close a throw-away scope on a connection.
 
     Inside the caller's transaction: a savepoint. Otherwise a transaction of
@@ -165,22 +165,21 @@ def _scope(status: TransactionStatus, autocommit: bool) -> tuple[list[str], list
         raise errors.ResyncError(
             "cannot resync on a connection whose transaction has failed; roll it back first"
         )
-    if autocommit:
-        return (["BEGIN ISOLATION LEVEL READ COMMITTED"], ["ROLLBACK"])
-    # psycopg opens the transaction itself; this is its first statement.
-    return (["SET TRANSACTION ISOLATION LEVEL READ COMMITTED"], ["ROLLBACK"])
+    # Sent as commands (see `Command`), also where psycopg would open the
+    # transaction itself: it follows the server's transaction status.
+    return (["BEGIN ISOLATION LEVEL READ COMMITTED"], ["ROLLBACK"])
 
 
-def scoped(status: TransactionStatus, autocommit: bool, body: Operation[T]) -> Operation[T]:
+def scoped(status: TransactionStatus, body: Operation[T]) -> Operation[T]:
     """Run `body` in a throw-away scope (see `_scope`), closed however it ends.
 
     Sequence changes are not transactional: they survive the rollback, while
     the caller's transaction, settings and locks are left as they were.
     """
-    opening, closing = _scope(status, autocommit)
+    opening, closing = _scope(status)
     try:
         for stmt in opening:
-            yield Query(stmt)
+            yield Command(stmt)
         result = yield from body
     except (psycopg.Error, errors.SelfhealError):
         yield from _close(closing)
@@ -285,7 +284,7 @@ def _close(closing: list[str]) -> Operation[None]:
     """Close a scope; the error that brought us here matters more than this one."""
     for stmt in closing:
         try:
-            yield Query(stmt)
+            yield Command(stmt)
         except psycopg.Error:
             return
 
@@ -412,7 +411,7 @@ def resync(
     the transaction as it was). Raises a `selfheal.errors.SelfhealError`.
     """
     op = _resync_named(table, schema, lock_timeout)
-    return run(conn, scoped(conn.info.transaction_status, conn.autocommit, op))
+    return run(conn, scoped(conn.info.transaction_status, op))
 
 
 async def aresync(
@@ -424,7 +423,7 @@ async def aresync(
 ) -> ResyncResult:
     """The async twin of `resync`."""
     op = _resync_named(table, schema, lock_timeout)
-    return await arun(aconn, scoped(aconn.info.transaction_status, aconn.autocommit, op))
+    return await arun(aconn, scoped(aconn.info.transaction_status, op))
 
 
 def check(
@@ -440,7 +439,7 @@ def check(
     """
     op = _check_op([schema] if schema else None, tables)
     try:
-        return run(conn, scoped(conn.info.transaction_status, conn.autocommit, op))
+        return run(conn, scoped(conn.info.transaction_status, op))
     except psycopg.Error as ex:
         raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
 
@@ -454,6 +453,6 @@ async def acheck(
     """The async twin of `check`."""
     op = _check_op([schema] if schema else None, tables)
     try:
-        return await arun(aconn, scoped(aconn.info.transaction_status, aconn.autocommit, op))
+        return await arun(aconn, scoped(aconn.info.transaction_status, op))
     except psycopg.Error as ex:
         raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex

@@ -115,15 +115,17 @@ def tenant_shop(server_dsn: str, tenants_template: str) -> Iterator[str]:
 
 class TestBackend:
     def test_connections_heal_behind_djangos_cursor(self, shop: str) -> None:
-        """ENGINE selfheal.django opens HealingConnection; Django keeps its own cursor class."""
+        """ENGINE selfheal.django opens HealingConnection; Django keeps exactly its own
+        cursor class, and cursor_factory reads back what Django set."""
         got = dj.script(shop, """
             from django.db import connection
-            from django.db.backends.postgresql.base import Cursor
-            from selfheal import HealingConnection, HealingCursor
+            from django.db.backends.postgresql.base import Cursor, ServerBindingCursor
+            from selfheal import HealingConnection
             with connection.cursor() as cursor:
                 raw = cursor.cursor
             emit([isinstance(connection.connection, HealingConnection),
-                  isinstance(raw, HealingCursor), isinstance(raw, Cursor)])
+                  type(raw) in (Cursor, ServerBindingCursor),
+                  connection.connection.cursor_factory is type(raw)])
         """)
         assert got["result"] == [True, True, True]
 

@@ -145,8 +145,11 @@ class TestTimeouts:
                 hc.execute("INSERT INTO payments (note) VALUES ('x')")
             assert time.monotonic() - started < 5
             assert [e["error_class"] for e in logs] == ["LockTimeout"]
-            hc.execute("SELECT 1")  # the transaction is still usable
+            # Aborted, as the failed statement leaves it with plain psycopg.
+            with pytest.raises(pgerrors.InFailedSqlTransaction):
+                hc.execute("SELECT 1")
             hc.rollback()
+            assert hc.execute("SELECT 1").fetchone() == (1,)
 
 
 class TestReadOnly:
