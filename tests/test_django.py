@@ -257,6 +257,57 @@ class TestBackend:
         assert got["result"] == [False, 6]
         assert [e["retry"] for e in got["events"]] == ["not_attempted"]
 
+    def test_atomic_catching_errors_as_django(self, server_dsn: str, plain_template: str,
+                                              tmp_path: Path) -> None:
+        """atomic() blocks that catch IntegrityError behave exactly as with Django's own
+        backend: a caught error without a savepoint poisons the block, one inside a
+        nested atomic() is rolled back alone. Explicit duplicate ids are real errors."""
+        code = """
+            from django.db import IntegrityError, transaction, connection
+            from django.db.transaction import TransactionManagementError
+            from orders.models import AuditEntry, Order
+            seen = []
+            def attempt(fn):
+                try:
+                    fn()
+                    seen.append("ok")
+                except (IntegrityError, TransactionManagementError) as ex:
+                    seen.append(type(ex).__name__)
+            def poisoned():
+                with transaction.atomic():
+                    AuditEntry.objects.create(message="before")
+                    attempt(lambda: Order.objects.create(id=1, item="dup"))
+                    attempt(lambda: AuditEntry.objects.create(message="after"))
+            def nested():
+                with transaction.atomic():
+                    AuditEntry.objects.create(message="outer")
+                    def inner():
+                        with transaction.atomic():
+                            Order.objects.create(id=1, item="dup")
+                    attempt(inner)
+                    Order.objects.create(item="default id")
+            attempt(poisoned)
+            attempt(nested)
+            attempt(lambda: Order.objects.create(id=1, item="dup in autocommit"))
+            emit([seen, sorted(AuditEntry.objects.values_list("message", flat=True)),
+                  sorted(Order.objects.values_list("item", flat=True))])
+        """
+        results = []
+        for engine in ("django.db.backends.postgresql", "selfheal.django"):
+            (tmp_path / engine).mkdir()
+            extra = settings_module(tmp_path / engine, dj.PLAIN,
+                                    f'DATABASES["default"]["ENGINE"] = "{engine}"')
+            with dj.clone(server_dsn, plain_template,
+                          f"sh_dj_{_tag}_{next(_clones)}") as dsn:
+                drift(dsn, upto=1)  # order 1 exists; the sequence is past it
+                with psycopg.connect(dsn, autocommit=True) as c:
+                    c.execute("SELECT setval('orders_order_id_seq', 1)")
+                results.append(dj.script(dsn, code, settings="test_settings",
+                                         extra_path=extra)["result"])
+        plain, healing = results
+        assert healing == plain
+        assert "IntegrityError" in plain[0]
+
     def test_bad_options(self, shop: str, tmp_path: Path) -> None:
         """Unknown OPTIONS["selfheal"] keys are an ImproperlyConfigured error."""
         extra = settings_module(tmp_path, dj.PLAIN,

@@ -559,3 +559,55 @@ class TestAsync:
             prepared = [s for (s,) in await cur.fetchall()]
             await ac.commit()
         assert not [s for s in prepared if "SAVEPOINT" in s or "selfheal" in s.lower()]
+
+
+class TestPsycopgInternals:
+    def test_generators_recognised(self, dsn: str) -> None:
+        """The psycopg generators selfheal hooks are there: fails loudly on a psycopg
+        that renames them (its statements would run unprotected)."""
+        from selfheal import _attempt
+
+        with psycopg.connect(dsn) as c:
+            cur = c.cursor()
+            gen = cur._execute_gen("SELECT %s", (1,), prepare=False)
+            call = _attempt.call_of(gen)
+            gen.close()
+            assert call is not None
+            assert (call.cursor, call.query, call.params, call.many) == (
+                cur, "SELECT %s", (1,), False)
+            gen = cur._executemany_gen_pipeline("SELECT %s", iter([(1,), (2,)]), False)
+            call = _attempt.call_of(gen)
+            gen.close()
+            assert call is not None
+            assert (call.params, call.many, call.pipelined) == ([(1,), (2,)], True, True)
+            assert _attempt.call_of(c._exec_command(b"SELECT 1")) is None
+            with c.pipeline() as p:
+                assert p._exit_gen.__code__ is _attempt.EXIT
+
+
+class TestThreads:
+    def test_one_connection_many_threads(self, conn: psycopg.Connection, dsn: str) -> None:
+        """Threads sharing one healing connection each get their rows in, exactly once,
+        while the table keeps drifting under them."""
+        import threading
+
+        conn.execute("CREATE TABLE p (id serial PRIMARY KEY, who int)")
+        errors: list[BaseException] = []
+        with HealingConnection.connect(dsn, autocommit=True) as hc:
+            def work(who: int) -> None:
+                try:
+                    for _ in range(50):
+                        hc.execute("INSERT INTO p (who) VALUES (%s)", (who,))
+                except BaseException as ex:  # reported below
+                    errors.append(ex)
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for _ in range(10):
+                conn.execute("INSERT INTO p (id, who) SELECT coalesce(max(id), 0) + 3, -1 FROM p")
+            for t in threads:
+                t.join(60)
+        assert errors == []
+        assert conn.execute("SELECT who, count(*) FROM p WHERE who >= 0 GROUP BY who"
+                            " ORDER BY who").fetchall() == [(0, 50), (1, 50), (2, 50), (3, 50)]
