@@ -32,6 +32,7 @@ __all__ = [
     "call_of",
     "collect",
     "queued",
+    "queued_and_collected",
     "savepointed",
     "savepointed_plain",
     "shape",
@@ -140,6 +141,14 @@ def queued(conn: Any, gen: PQGen[None], savepoint: bool) -> PQGen[psycopg.Error 
     except psycopg.Error as ex:
         return ex
     return None
+
+
+def queued_and_collected(conn: Any, gen: PQGen[None]) -> PQGen[None]:
+    """`queued` without a savepoint, then `collect`: raise the first error."""
+    first = yield from queued(conn, gen, savepoint=False)
+    err = yield from collect(conn._pipeline)
+    if first or err:
+        raise first or err  # type: ignore[misc]
 
 
 def savepointed_plain(conn: Any, gen: PQGen[None]) -> PQGen[None]:

@@ -5,11 +5,13 @@ SQLAlchemy: make an engine's connections heal, in one line.
     selfheal.sqlalchemy.install(engine)
 
 `install` works for `Engine` and `AsyncEngine` (``create_async_engine``) on the
-``psycopg`` driver, Core and ORM alike. It hooks SQLAlchemy's documented
-``do_connect`` event so that the pool opens `HealingConnection` (or
+``psycopg`` driver, Core and ORM alike. It replaces the ``connect`` method of
+this engine's dialect (the call SQLAlchemy's pool makes after running the
+``do_connect`` listeners) so that the pool opens `HealingConnection` (or
 `AsyncHealingConnection`) instead of a plain psycopg connection; everything
-else (URL, ``connect_args``, pooling, pre-ping, invalidation, isolation levels)
-stays SQLAlchemy's. The heal happens inside the driver's ``execute()``, below
+else (URL, ``connect_args``, ``do_connect`` listeners that adjust the
+arguments, pooling, pre-ping, invalidation, isolation levels) stays
+SQLAlchemy's. The heal happens inside the driver's ``execute()``, below
 SQLAlchemy, so a session transaction, ``begin_nested()`` savepoints and
 ``insertmanyvalues`` batches keep working unchanged, and a collision that
 cannot be healed reaches the application as SQLAlchemy's usual
@@ -23,7 +25,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event, exc
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from .wrap import AsyncHealingConnection, HealingConnection, HealOptions
@@ -39,9 +41,11 @@ E = TypeVar("E", "Engine", "AsyncEngine")
 
 _HEALING = (HealingConnection, AsyncHealingConnection)
 
-# The listeners installed on each engine, so that a second install() replaces
-# them instead of stacking up, and uninstall() can take them off.
-_installed: weakref.WeakKeyDictionary[Engine, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+# What install() put on each engine (its dialect's connect, its listeners), so
+# that a second install() replaces it instead of stacking up, and uninstall()
+# can take it off.
+_installed: weakref.WeakKeyDictionary[Engine, tuple[Any, tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary())
 
 
 def install(engine: E, options: HealOptions | None = None) -> E:
@@ -53,10 +57,13 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     connections (see `HealOptions`). Raises `ValueError` for an engine that
     is not ``postgresql+psycopg``.
 
-    Engines built with ``creator=`` or ``async_creator=`` bypass SQLAlchemy's
-    connect hook: have the creator return a `HealingConnection` /
-    `AsyncHealingConnection` instead (their first connection otherwise
-    fails with a `TypeError` saying so, rather than silently not healing).
+    ``do_connect`` listeners, added before or after, run as usual and may
+    change the connection arguments. Engines built with ``creator=`` or
+    ``async_creator=`` (or a ``do_connect`` listener returning a connection
+    of its own) bypass the dialect's connect: have them return a
+    `HealingConnection` / `AsyncHealingConnection` instead (their first
+    connection otherwise fails with a `TypeError` saying so, rather than
+    silently not healing).
     """
     sync_engine = _sync_engine(engine)
     dialect = sync_engine.dialect
@@ -69,32 +76,43 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     base: type[Any] = AsyncHealingConnection if dialect.is_async else HealingConnection
     cls = base.with_options(**dataclasses.asdict(options)) if options is not None else base
 
+    # Not a do_connect listener returning the connection: that would end
+    # SQLAlchemy's do_connect chain, so a listener added after install() (the
+    # documented recipe for per-connection tokens: set cparams["password"])
+    # would never run. The pool's creator looks up dialect.connect at call
+    # time, after every listener; an instance attribute changes this engine's
+    # dialect only (each create_engine() makes its own).
     if dialect.is_async:
-        def do_connect(dialect: Dialect, record: ConnectionPoolEntry, cargs: list[Any],
-                       cparams: dict[str, Any]) -> Any:
+        dbapi = dialect.loaded_dbapi
+
+        def connect(*cargs: Any, **cparams: Any) -> Any:
             # The asyncio adapter calls `async_creator_fn(*cargs, **cparams)`
-            # and wraps the awaited connection; returning None lets it.
-            cparams["async_creator_fn"] = cls.connect
-            return None
+            # and wraps the awaited connection.
+            return dbapi.connect(*cargs, **{**cparams, "async_creator_fn": cls.connect})
     else:
-        def do_connect(dialect: Dialect, record: ConnectionPoolEntry, cargs: list[Any],
-                       cparams: dict[str, Any]) -> Any:
+        def connect(*cargs: Any, **cparams: Any) -> Any:
             # Exactly what the dialect would call, psycopg.connect(), but on
             # the healing class.
             return cls.connect(*cargs, **cparams)
 
-    listeners = (("do_connect", do_connect), ("connect", _on_connect),
-                 ("checkout", _on_checkout))
+    dialect.connect = connect  # type: ignore[method-assign]
+    listeners = (("connect", _on_connect), ("checkout", _on_checkout))
     for name, fn in listeners:
         event.listen(sync_engine, name, fn)
-    _installed[sync_engine] = listeners
+    _installed[sync_engine] = (connect, listeners)
     return engine
 
 
 def uninstall(engine: Engine | AsyncEngine) -> None:
     """Undo `install`: connections opened from now on are plain psycopg ones."""
     sync_engine = _sync_engine(engine)
-    for name, fn in _installed.pop(sync_engine, ()):
+    installed = _installed.pop(sync_engine, None)
+    if installed is None:
+        return
+    connect, listeners = installed
+    if vars(sync_engine.dialect).get("connect") is connect:
+        del sync_engine.dialect.connect
+    for name, fn in listeners:
         event.remove(sync_engine, name, fn)
 
 
@@ -111,8 +129,8 @@ def _driver_connection(dbapi_connection: Any) -> Any:
 
 def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
     if not isinstance(_driver_connection(dbapi_connection), _HEALING):
-        # A creator= / async_creator= engine skips do_connect (as would an
-        # earlier do_connect listener returning its own connection). Refuse
+        # A creator= / async_creator= engine skips dialect.connect (as does a
+        # do_connect listener returning its own connection). Refuse
         # rather than let the application believe it heals.
         raise TypeError(
             "selfheal.sqlalchemy.install(): this engine's connections bypass install()"

@@ -110,15 +110,8 @@ class _Shell:
     def _selfheal_again(self, call: _attempt.Call) -> PQGen[None]:
         # The retry runs unprotected: a failure leaves what plain would.
         if call.pipelined:
-            return self._selfheal_queue_and_collect(call)
+            return _attempt.queued_and_collected(self, call.gen())
         return call.gen()
-
-    def _selfheal_queue_and_collect(self, call: _attempt.Call) -> PQGen[None]:
-        pipeline = self._pipeline  # type: ignore[attr-defined]
-        first = yield from _attempt.queued(self, call.gen(), savepoint=False)
-        err = yield from _attempt.collect(pipeline)
-        if first or err:
-            raise first or err  # type: ignore[misc]
 
     def _selfheal_side_needed(self) -> bool:
         # A heal on the caller's connection needs it idle, in autocommit and
@@ -179,6 +172,10 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         if self._selfheal_pending is not None and getattr(gen, "gi_code", None) is _attempt.EXIT:
             return self._selfheal_sync_pending(gen)
         call = _attempt.call_of(gen)
+        if call is not None and call.many:
+            # call_of() took the parameters out of it.
+            gen.close()
+            gen = call.gen()
         mode = Mode.PASS if call is None else self._selfheal_plan(call)
         if call is None or mode is Mode.PASS:
             try:
@@ -186,9 +183,6 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             except pgerrors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex)
                 raise
-        if call.many:
-            gen.close()
-            gen = call.gen()
         self._selfheal_busy = True
         try:
             if call.pipelined:
@@ -317,6 +311,10 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         if self._selfheal_pending is not None and getattr(gen, "gi_code", None) is _attempt.EXIT:
             return await self._selfheal_sync_pending(gen)
         call = _attempt.call_of(gen)
+        if call is not None and call.many:
+            # call_of() took the parameters out of it.
+            gen.close()
+            gen = call.gen()
         mode = Mode.PASS if call is None else self._selfheal_plan(call)
         if call is None or mode is Mode.PASS:
             try:
@@ -324,9 +322,6 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             except pgerrors.UniqueViolation as ex:
                 await self._selfheal_heal_only(ex)
                 raise
-        if call.many:
-            gen.close()
-            gen = call.gen()
         self._selfheal_busy = True
         try:
             if call.pipelined:

@@ -611,3 +611,23 @@ class TestThreads:
         assert errors == []
         assert conn.execute("SELECT who, count(*) FROM p WHERE who >= 0 GROUP BY who"
                             " ORDER BY who").fetchall() == [(0, 50), (1, 50), (2, 50), (3, 50)]
+
+
+class TestExecutemanyParameters:
+    @pytest.mark.parametrize("autocommit", [True, False])
+    def test_generator_in_callers_pipeline(self, pair: tuple[str, str],
+                                           autocommit: bool) -> None:
+        """executemany() of a generator, inside the caller's own pipeline, lands every row."""
+        def script(r: Recorder) -> None:
+            def batch(c: psycopg.Connection[Any]) -> Any:
+                with c.pipeline():
+                    cur = c.cursor()
+                    cur.executemany("INSERT INTO ledger (note) VALUES (%s)",
+                                    ((f"n{i}",) for i in range(5)))
+                return cur.rowcount
+
+            r.step(batch)
+            r.step(lambda c: c.commit())
+
+        side_by_side(pair, script, autocommit=autocommit)
+        assert len(rows_of(pair[1])["ledger"][0]) == 5
