@@ -20,6 +20,8 @@ from psycopg import sql
 from psycopg.abc import Params
 from psycopg.rows import TupleRow, tuple_row
 
+from ._attempt import collect
+
 Rows: TypeAlias = list[TupleRow]
 T = TypeVar("T")
 
@@ -97,6 +99,22 @@ async def _afetch(cur: psycopg.AsyncCursor[TupleRow]) -> Rows:
     return await cur.fetchall() if cur.pgresult is not None and cur.description else []
 
 
+def _sync(conn: psycopg.Connection[Any]) -> None:
+    # Every result read, even after an error: psycopg's own sync() would
+    # leave the rest unread, and the pipeline could not be closed.
+    with conn.lock:
+        err = conn.wait(collect(conn._pipeline))
+    if err is not None:
+        raise err
+
+
+async def _async(aconn: psycopg.AsyncConnection[Any]) -> None:
+    async with aconn.lock:
+        err = await aconn.wait(collect(aconn._pipeline))
+    if err is not None:
+        raise err
+
+
 def run(
     conn: psycopg.Connection[Any],
     op: Operation[T],
@@ -136,13 +154,13 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
             # prepared-statement cache.
             cur.execute(req.query, req.params, prepare=False)
             if conn._pipeline is not None:
-                conn._pipeline.sync()  # inside executemany()'s own pipeline
+                _sync(conn)  # inside executemany()'s own pipeline
             return _fetch(cur)
     if isinstance(req, Command):
         with conn.lock:
             conn.wait(conn._exec_command(req.command))
-            if conn._pipeline is not None:
-                conn.wait(conn._pipeline._sync_gen())
+        if conn._pipeline is not None:
+            _sync(conn)
         return []
     if isinstance(req, Batch):
         curs = [psycopg.Cursor(conn, row_factory=tuple_row) for _ in req.queries]
@@ -198,13 +216,13 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
         async with cur:
             await cur.execute(req.query, req.params, prepare=False)
             if aconn._pipeline is not None:
-                await aconn._pipeline.sync()
+                await _async(aconn)
             return await _afetch(cur)
     if isinstance(req, Command):
         async with aconn.lock:
             await aconn.wait(aconn._exec_command(req.command))
-            if aconn._pipeline is not None:
-                await aconn.wait(aconn._pipeline._sync_gen())
+        if aconn._pipeline is not None:
+            await _async(aconn)
         return []
     if isinstance(req, Batch):
         curs = [psycopg.AsyncCursor(aconn, row_factory=tuple_row) for _ in req.queries]

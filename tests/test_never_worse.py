@@ -631,3 +631,34 @@ class TestExecutemanyParameters:
 
         side_by_side(pair, script, autocommit=autocommit)
         assert len(rows_of(pair[1])["ledger"][0]) == 5
+
+    def test_natural_key_violation_repeatedly(self, dsn: str) -> None:
+        """executemany() failing on a natural key inside a transaction, many times over:
+        always the UniqueViolation, and the connection always recovers (a heal inside
+        executemany()'s pipeline once left unread results behind, about 1 run in 20)."""
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE u (id serial PRIMARY KEY, email text UNIQUE)")
+            c.execute("INSERT INTO u (email) VALUES ('taken')")
+        for _ in range(150):
+            # A new connection each time: it has yet to learn the constraint.
+            with HealingConnection.connect(dsn) as hc:
+                hc.execute("SELECT 1")
+                with pytest.raises(pgerrors.UniqueViolation):
+                    hc.cursor().executemany("INSERT INTO u (email) VALUES (%s)",
+                                            [("new",), ("taken",)])
+                assert hc.info.transaction_status == TransactionStatus.INERROR
+                hc.rollback()
+
+    async def test_natural_key_violation_repeatedly_async(self, dsn: str) -> None:
+        """The same for the async twin."""
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE u (id serial PRIMARY KEY, email text UNIQUE)")
+            c.execute("INSERT INTO u (email) VALUES ('taken')")
+        for _ in range(150):
+            async with await AsyncHealingConnection.connect(dsn) as ac:
+                await ac.execute("SELECT 1")
+                with pytest.raises(pgerrors.UniqueViolation):
+                    await ac.cursor().executemany("INSERT INTO u (email) VALUES (%s)",
+                                                  [("new",), ("taken",)])
+                assert ac.info.transaction_status == TransactionStatus.INERROR
+                await ac.rollback()
