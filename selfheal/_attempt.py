@@ -45,6 +45,11 @@ _MANY_NO_PIPELINE = BaseCursor._executemany_gen_no_pipeline.__code__
 #: psycopg's generator that syncs and leaves a pipeline.
 EXIT = BasePipeline._exit_gen.__code__
 
+# What a cursor shows of the statement it ran: put back after a failed retry,
+# so that the caller sees what the first failure left, as with plain psycopg.
+_CURSOR_STATE = ("_results", "pgresult", "_pos", "_iresult", "_rowcount", "_statusmessage",
+                 "_query", "_last_query", "_tx", "_make_row", "_execmany_returning")
+
 _SAVEPOINT = b"SAVEPOINT _selfheal"
 _RELEASE = b"RELEASE SAVEPOINT _selfheal"
 
@@ -74,6 +79,18 @@ class Call:
         make = cur._executemany_gen_pipeline if self.pipelined else (
             cur._executemany_gen_no_pipeline)
         return make(self.query, self.params, self.returning)  # type: ignore[no-any-return]
+
+
+    def cursor_state(self) -> dict[str, Any]:
+        """What the cursor shows now (restore it with `restore_cursor`)."""
+        state = {name: getattr(self.cursor, name, None) for name in _CURSOR_STATE}
+        state["_results"] = list(state["_results"] or ())  # psycopg fills it in place
+        return state
+
+    def restore_cursor(self, state: dict[str, Any]) -> None:
+        """Put back what `cursor_state` saved."""
+        for name, value in state.items():
+            setattr(self.cursor, name, value)
 
 
 def call_of(gen: Any) -> Call | None:

@@ -221,8 +221,16 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             raise ex
         op = heal_flow(ex, mode, _attempt.shape(call.query, self), self.info.dbname,
                        self.selfheal_options, self._selfheal_not_healable)
-        return _drive.run(self, op, lambda: psycopg.Connection.wait(
-            self, self._selfheal_again(call)))
+
+        def again() -> Any:
+            state = call.cursor_state()
+            try:
+                return psycopg.Connection.wait(self, self._selfheal_again(call))
+            except psycopg.Error:
+                call.restore_cursor(state)
+                raise
+
+        return _drive.run(self, op, again)
 
     def _selfheal_heal_only(self, ex: pgerrors.UniqueViolation,
                             call: _attempt.Call | None = None) -> None:
@@ -363,7 +371,12 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                        self.selfheal_options, self._selfheal_not_healable)
 
         async def again() -> Any:
-            return await psycopg.AsyncConnection.wait(self, self._selfheal_again(call))
+            state = call.cursor_state()
+            try:
+                return await psycopg.AsyncConnection.wait(self, self._selfheal_again(call))
+            except psycopg.Error:
+                call.restore_cursor(state)
+                raise
 
         return await _drive.arun(self, op, again)
 
