@@ -16,6 +16,7 @@ these generators, a future psycopg) is run as it is: never worse than plain.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +24,14 @@ import psycopg
 from psycopg._cursor_base import BaseCursor
 from psycopg._pipeline_base import BasePipeline
 from psycopg.abc import PQGen
+from psycopg.errors import Diagnostic, _info_to_dict
 
 from ._sqltext import Shape, shape_of
 
 __all__ = [
     "EXIT",
     "Call",
+    "HeldNotices",
     "call_of",
     "collect",
     "queued",
@@ -91,6 +94,48 @@ class Call:
         """Put back what `cursor_state` saved."""
         for name, value in state.items():
             setattr(self.cursor, name, value)
+
+
+class HeldNotices:
+    """The caller's notice handlers, held back while a statement may be retried.
+
+    A statement that is retried reaches the caller's handlers once, as it
+    would with plain psycopg: the notices of the attempt that counts (the
+    retry when it succeeds, else the first) are delivered when it is over.
+    """
+
+    __slots__ = ("_conn", "_first", "_handlers", "_retried", "_retry")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._handlers: list[Any] = conn._notice_handlers
+        self._first: list[Any] = []
+        self._retry: list[Any] = []
+        self._retried = False
+        conn._notice_handlers = [self._keeper(self._first)]
+
+    def retrying(self) -> None:
+        """From now on the notices belong to the retry."""
+        self._retried = True
+        self._conn._notice_handlers = [self._keeper(self._retry)]
+
+    @staticmethod
+    def _keeper(into: list[Any]) -> Callable[[Any], None]:
+        def keep(diag: Any) -> None:
+            # The result a notice reads from is freed once handlers return.
+            into.append(Diagnostic(_info_to_dict(diag._info), diag._encoding))
+
+        return keep
+
+    def release(self, succeeded: bool) -> None:
+        """Give the caller its handlers back, with the notices that count."""
+        self._conn._notice_handlers = self._handlers
+        for diag in self._retry if self._retried and succeeded else self._first:
+            for handler in self._handlers:
+                try:
+                    handler(diag)
+                except Exception:  # as psycopg does: a failing handler is not the query's
+                    continue
 
 
 def call_of(gen: Any) -> Call | None:

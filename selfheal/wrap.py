@@ -61,6 +61,7 @@ class _Shell:
     _selfheal_busy: bool
     _selfheal_pipelines: int
     _selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None
+    _selfheal_notices: _attempt.HeldNotices | None
     #: psycopg's pipeline class for this connection class (sync or async).
     _selfheal_pipeline_class: Any
 
@@ -74,6 +75,8 @@ class _Shell:
         # An executemany() queued in its own pipeline, healed when psycopg
         # syncs that pipeline: the call, its mode, an error met queueing it.
         self._selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None = None
+        # The caller's notices, held while a statement may be retried.
+        self._selfheal_notices: _attempt.HeldNotices | None = None
 
     def _selfheal_plan(self, call: _attempt.Call) -> Mode:
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -112,6 +115,20 @@ class _Shell:
         if call.pipelined:
             return _attempt.queued_and_collected(self, call.gen())
         return call.gen()
+
+    def _selfheal_hold_notices(self) -> None:
+        # Only where there are handlers: the hot path pays one truth test.
+        if self._notice_handlers:  # type: ignore[attr-defined]
+            self._selfheal_notices = _attempt.HeldNotices(self)
+
+    def _selfheal_release_notices(self, succeeded: bool) -> None:
+        held, self._selfheal_notices = self._selfheal_notices, None
+        if held is not None:
+            held.release(succeeded)
+
+    def _selfheal_retrying(self) -> None:
+        if self._selfheal_notices is not None:
+            self._selfheal_notices.retrying()
 
     def _selfheal_side_needed(self) -> bool:
         # A heal on the caller's connection needs it idle, in autocommit and
@@ -184,34 +201,47 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 self._selfheal_heal_only(ex)
                 raise
         self._selfheal_busy = True
+        self._selfheal_hold_notices()
+        succeeded = False
         try:
             if call.pipelined:
                 # Queued now, healed when executemany() syncs its pipeline.
                 error = super().wait(self._selfheal_first(call, gen, mode))
                 self._selfheal_pending = (call, mode, error)
+                succeeded = True
                 return None
             try:
-                return super().wait(self._selfheal_first(call, gen, mode), interval, timeout)
+                value = super().wait(self._selfheal_first(call, gen, mode), interval,
+                                        timeout)
             except pgerrors.UniqueViolation as ex:
-                return self._selfheal_heal(ex, call, mode)
+                value = self._selfheal_heal(ex, call, mode)
+            succeeded = True
+            return value
         finally:
             self._selfheal_busy = False
+            if not (call.pipelined and succeeded):
+                self._selfheal_release_notices(succeeded)
 
     def _selfheal_sync_pending(self, gen: PQGen[None]) -> None:
         assert self._selfheal_pending is not None
         (call, mode, error), self._selfheal_pending = self._selfheal_pending, None
         gen.close()
         self._selfheal_busy = True
+        succeeded = False
         try:
             err = super().wait(_attempt.collect(self._pipeline))
             error = error or err
             if error is None:
+                succeeded = True
                 return None
             if not isinstance(error, pgerrors.UniqueViolation):
                 raise error
-            return self._selfheal_heal(error, call, mode)  # type: ignore[no-any-return]
+            self._selfheal_heal(error, call, mode)
+            succeeded = True
+            return None
         finally:
             self._selfheal_busy = False
+            self._selfheal_release_notices(succeeded)
 
     def _selfheal_heal(self, ex: pgerrors.UniqueViolation, call: _attempt.Call,
                        mode: Mode) -> Any:
@@ -223,6 +253,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                        self.selfheal_options, self._selfheal_not_healable)
 
         def again() -> Any:
+            self._selfheal_retrying()
             state = call.cursor_state()
             try:
                 return psycopg.Connection.wait(self, self._selfheal_again(call))
@@ -331,35 +362,47 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 await self._selfheal_heal_only(ex)
                 raise
         self._selfheal_busy = True
+        self._selfheal_hold_notices()
+        succeeded = False
         try:
             if call.pipelined:
                 # Queued now, healed when executemany() syncs its pipeline.
                 error = await super().wait(self._selfheal_first(call, gen, mode))
                 self._selfheal_pending = (call, mode, error)
+                succeeded = True
                 return None
             try:
-                return await super().wait(self._selfheal_first(call, gen, mode), interval,
-                                          timeout)
+                value = await super().wait(self._selfheal_first(call, gen, mode), interval,
+                                        timeout)
             except pgerrors.UniqueViolation as ex:
-                return await self._selfheal_heal(ex, call, mode)
+                value = await self._selfheal_heal(ex, call, mode)
+            succeeded = True
+            return value
         finally:
             self._selfheal_busy = False
+            if not (call.pipelined and succeeded):
+                self._selfheal_release_notices(succeeded)
 
     async def _selfheal_sync_pending(self, gen: PQGen[None]) -> None:
         assert self._selfheal_pending is not None
         (call, mode, error), self._selfheal_pending = self._selfheal_pending, None
         gen.close()
         self._selfheal_busy = True
+        succeeded = False
         try:
             err = await super().wait(_attempt.collect(self._pipeline))
             error = error or err
             if error is None:
+                succeeded = True
                 return None
             if not isinstance(error, pgerrors.UniqueViolation):
                 raise error
-            return await self._selfheal_heal(error, call, mode)  # type: ignore[no-any-return]
+            await self._selfheal_heal(error, call, mode)
+            succeeded = True
+            return None
         finally:
             self._selfheal_busy = False
+            self._selfheal_release_notices(succeeded)
 
     async def _selfheal_heal(self, ex: pgerrors.UniqueViolation, call: _attempt.Call,
                              mode: Mode) -> Any:
@@ -371,6 +414,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                        self.selfheal_options, self._selfheal_not_healable)
 
         async def again() -> Any:
+            self._selfheal_retrying()
             state = call.cursor_state()
             try:
                 return await psycopg.AsyncConnection.wait(self, self._selfheal_again(call))

@@ -302,6 +302,30 @@ class TestCommittedWorkNotRepeated:
         assert conn.execute("SELECT id FROM payments WHERE note = 'p'").fetchall() == [(6,)]
 
 
+class TestNotices:
+    @pytest.mark.parametrize("autocommit", [True, False])
+    def test_retried_statement_notices_once(self, conn: psycopg.Connection, dsn: str,
+                                            autocommit: bool) -> None:
+        """A healed and retried statement reaches notice handlers once, as the single
+        run plain psycopg makes; a statement that is not retried, with its own notices."""
+        conn.execute("CREATE TABLE payments (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO payments (id) SELECT generate_series(1, 5)")
+        conn.execute("CREATE FUNCTION say() RETURNS trigger LANGUAGE plpgsql AS $$"
+                     " BEGIN RAISE NOTICE 'inserting %', NEW.note; RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER say BEFORE INSERT ON payments FOR EACH ROW"
+                     " EXECUTE FUNCTION say()")
+        seen: list[tuple[str | None, str | None]] = []
+        with HealingConnection.connect(dsn, autocommit=autocommit) as hc:
+            hc.add_notice_handler(lambda d: seen.append((d.sqlstate, d.message_primary)))
+            if not autocommit:
+                hc.execute("SELECT 1")
+            hc.execute("INSERT INTO payments (note) VALUES ('healed')")
+            assert seen == [("00000", "inserting healed")]
+            with pytest.raises(pgerrors.UniqueViolation):
+                hc.execute("INSERT INTO payments (id, note) VALUES (1, 'dup')")
+            assert seen[1:] == [("00000", "inserting dup")]
+
+
 class TestMultiStatementStrings:
     @pytest.mark.parametrize("autocommit", [True, False])
     def test_runs_as_plain(self, pair: tuple[str, str], autocommit: bool) -> None:
