@@ -160,6 +160,59 @@ class TestInstall:
         with eng.connect() as c:
             assert type(driver_connection(c)) is psycopg.Connection
 
+    def test_do_connect_listeners_run(self, dsn: str, conn: psycopg.Connection) -> None:
+        """do_connect listeners added before and after install() both run; the connection heals.
+
+        SQLAlchemy's recipe for per-connection tokens (cloud IAM auth): a
+        listener that sets cparams["password"] for every new connection.
+        """
+        eng = sa.create_engine(sa_url(dsn), poolclass=sa.NullPool)
+        tokens = iter(range(1, 100))
+        event.listen(eng, "do_connect",
+                     lambda d, rec, cargs, cparams: cparams.update(application_name="before"))
+        selfheal.sqlalchemy.install(eng)
+
+        @event.listens_for(eng, "do_connect")
+        def provide_token(dialect: Any, rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+            cparams["password"] = f"token-{next(tokens)}"
+            cparams["application_name"] += "+after"
+
+        Base.metadata.create_all(eng)
+        drift(conn)
+        with capture_logs() as logs, eng.begin() as c:
+            raw = driver_connection(c)
+            assert isinstance(raw, HealingConnection)
+            assert raw.info.password == "token-2"  # create_all() had token-1
+            assert c.execute(sa.text("SHOW application_name")).scalar() == "before+after"
+            c.execute(sa.insert(Payment).values(note="x"))
+        assert [h["retry"] for h in heals(logs)] == ["succeeded"]
+        assert conn.execute("SELECT max(id) FROM payments").fetchone() == (13,)
+
+    async def test_do_connect_listener_after_install_async(
+        self, engine: Engine, dsn: str, conn: psycopg.Connection
+    ) -> None:
+        """On an asyncio engine too, a do_connect listener added after install() runs."""
+        aeng = selfheal.sqlalchemy.install(create_async_engine(sa_url(dsn)))
+        event.listen(aeng.sync_engine, "do_connect",
+                     lambda d, rec, cargs, cparams: cparams.update(application_name="iam"))
+        drift(conn)
+        async with aeng.begin() as c:
+            raw = await c.get_raw_connection()
+            assert isinstance(raw.driver_connection, AsyncHealingConnection)
+            assert (await c.execute(sa.text("SHOW application_name"))).scalar() == "iam"
+            await c.execute(sa.insert(Payment).values(note="x"))
+        await aeng.dispose()
+        assert conn.execute("SELECT max(id) FROM payments").fetchone() == (13,)
+
+    def test_uninstall_restores_dialect(self, dsn: str) -> None:
+        """uninstall() gives the dialect back its own connect; other engines are untouched."""
+        eng = selfheal.sqlalchemy.install(sa.create_engine(sa_url(dsn)))
+        other = sa.create_engine(sa_url(dsn))
+        assert "connect" in vars(eng.dialect)
+        assert "connect" not in vars(other.dialect)
+        selfheal.sqlalchemy.uninstall(eng)
+        assert "connect" not in vars(eng.dialect)
+
     def test_custom_creator_refused(self, dsn: str) -> None:
         """An engine whose creator= bypasses install() fails loudly instead of not healing."""
         eng = sa.create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
