@@ -42,7 +42,8 @@ class Shape:
     #: For an INSERT: the target table as written (name parts, unquoted,
     #: unquoted parts folded to lower case), else None.
     insert_table: tuple[str, ...] | None = None
-    #: For an INSERT with a column list: the columns it names, else None.
+    #: For an INSERT with a column list: the columns it names (none for
+    #: DEFAULT VALUES), else None.
     insert_columns: frozenset[str] | None = None
 
     @property
@@ -211,6 +212,11 @@ def _insert_target(
     if kind == "word" and value.upper() == "AS":
         next(toks, None)
         kind, value = next(toks, ("", ""))
+    elif kind == "word" and value.upper() == "DEFAULT":
+        kind, value = next(toks, ("", ""))
+        if kind == "word" and value.upper() == "VALUES":
+            return table, frozenset(), kind  # names no column
+        return table, None, kind
     elif kind == "word" and value.upper() not in ("VALUES", "SELECT", "DEFAULT", "OVERRIDING",
                                                   "WITH", "TABLE"):
         kind, value = next(toks, ("", ""))  # an alias without AS

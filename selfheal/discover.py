@@ -20,7 +20,7 @@ from psycopg.rows import TupleRow
 from . import errors
 from ._drive import Operation, Query
 
-__all__ = ["TableInfo", "describe", "detect", "list_tables"]
+__all__ = ["TableInfo", "describe", "detect", "list_tables", "named_query", "relations"]
 
 
 @dataclass(frozen=True)
@@ -222,3 +222,21 @@ def list_tables(
             sqlstate="42501",
         )
     return infos
+
+
+def named_query(relnames: Sequence[str]) -> Query:
+    """A query for every table (partitions too) called one of `relnames`, in any schema.
+
+    Read its rows with `relations`.
+    """
+    return Query(_TABLES.format(where=sql.SQL("c.relname = ANY ({})").format(list(relnames))))
+
+
+def relations(rows: list[TupleRow]) -> list[tuple[str, str, TableInfo | None, bool]]:
+    """The rows of a `named_query` as ``(schema, table, info, readable)``.
+
+    `info` is None for a table without a sequence-backed key; `readable`
+    tells whether this role can read its key column and sequence.
+    """
+    return [(row[0], row[1], _to_info(row) if row[5] is not None else None, bool(row[11]))
+            for row in rows]

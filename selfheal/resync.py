@@ -20,6 +20,7 @@ caller's transaction, settings and locks are left as they were.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -347,48 +348,56 @@ def _resync_named(table: str, schema: str | None, lock_timeout: float
     return (yield from advance(info, lock_timeout))
 
 
+def status_query(infos: list[TableInfo], start: int = 0) -> Query:
+    """One query reading every table's key extremes and sequence state.
+
+    Its rows are ``(index, max, min, last_value, is_called)``, where index is
+    `start` plus the table's position in `infos`; see `status_of`.
+    """
+    parts = [
+        sql.SQL(
+            "SELECT {i}, (SELECT max({col}) FROM {tbl}), (SELECT min({col}) FROM {tbl}),"
+            " s.last_value, s.is_called FROM {seq} s"
+        ).format(
+            i=sql.Literal(start + i),
+            col=sql.Identifier(info.column),
+            tbl=info.table_ident,
+            seq=info.sequence_ident,
+        )
+        for i, info in enumerate(infos)
+    ]
+    return Query(sql.SQL(" UNION ALL ").join(parts))
+
+
+def status_of(info: TableInfo, row: Sequence[Any]) -> SequenceStatus:
+    """The `SequenceStatus` of `info` from its row of a `status_query`."""
+    _, key_max, key_min, last, called = row
+    return SequenceStatus(
+        schema=info.schema,
+        table=info.table,
+        column=info.column,
+        sequence=info.sequence,
+        max_value=key_max,
+        min_value=key_min,
+        next_value=next_value(last, called, info.increment),
+        increment=info.increment,
+    )
+
+
 def _check_op(
     schemas: list[str] | None,
     tables: list[str] | None,
     chunk: int = 500,
 ) -> Operation[list[SequenceStatus]]:
     infos = yield from list_tables(schemas, tables)
-    batches: list[Query] = []
-    for start in range(0, len(infos), chunk):
-        parts = [
-            sql.SQL(
-                "SELECT {i}, (SELECT max({col}) FROM {tbl}), (SELECT min({col}) FROM {tbl}),"
-                " s.last_value, s.is_called FROM {seq} s"
-            ).format(
-                i=sql.Literal(start + i),
-                col=sql.Identifier(info.column),
-                tbl=info.table_ident,
-                seq=info.sequence_ident,
-            )
-            for i, info in enumerate(infos[start : start + chunk])
-        ]
-        batches.append(Query(sql.SQL(" UNION ALL ").join(parts)))
+    batches = [status_query(infos[start : start + chunk], start)
+               for start in range(0, len(infos), chunk)]
     results: list[Any] = []
     if len(batches) == 1:
         results = [(yield batches[0])]
     elif batches:
         results = yield Batch(batches)
-    found: list[SequenceStatus] = []
-    for rows in results:
-        for i, key_max, key_min, last, called in rows:
-            info = infos[i]
-            found.append(
-                SequenceStatus(
-                    schema=info.schema,
-                    table=info.table,
-                    column=info.column,
-                    sequence=info.sequence,
-                    max_value=key_max,
-                    min_value=key_min,
-                    next_value=next_value(last, called, info.increment),
-                    increment=info.increment,
-                )
-            )
+    found = [status_of(infos[row[0]], row) for rows in results for row in rows]
     found.sort(key=lambda s: (s.schema, s.table))
     return found
 
