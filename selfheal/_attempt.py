@@ -25,11 +25,14 @@ from psycopg._cursor_base import BaseCursor
 from psycopg._pipeline_base import BasePipeline
 from psycopg.abc import PQGen
 from psycopg.errors import Diagnostic, _info_to_dict
+from psycopg.transaction import BaseTransaction
 
 from ._sqltext import Shape, shape_of
 
 __all__ = [
+    "COPY",
     "EXIT",
+    "TX_ENTER",
     "Call",
     "HeldNotices",
     "call_of",
@@ -47,6 +50,10 @@ _MANY_NO_PIPELINE = BaseCursor._executemany_gen_no_pipeline.__code__
 
 #: psycopg's generator that syncs and leaves a pipeline.
 EXIT = BasePipeline._exit_gen.__code__
+#: psycopg's generator that opens a ``conn.transaction()`` block.
+TX_ENTER = BaseTransaction._enter_gen.__code__
+#: psycopg's generator that starts a COPY.
+COPY = BaseCursor._start_copy_gen.__code__
 
 # What a cursor shows of the statement it ran: put back after a failed retry,
 # so that the caller sees what the first failure left, as with plain psycopg.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,9 +27,14 @@ from ._sqltext import Shape
 from .detect import ConstraintKey, NotHealable, constraint_of, healable
 from .discover import TableInfo
 from .errors import SelfhealError
+from .insync import Facts
 from .resync import LOCK_TIMEOUT, STATEMENT_TIMEOUT, ResyncResult, advance, scoped
 
-__all__ = ["HealOptions", "Mode", "after_failure", "choose_mode", "heal_flow"]
+__all__ = ["PROTECT", "HealOptions", "Mode", "after_failure", "heal_flow"]
+
+
+#: The values of `HealOptions.protect`.
+PROTECT = ("auto", "always")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,22 @@ class HealOptions:
     lock_timeout: float = LOCK_TIMEOUT
     #: Bound, in seconds, on each statement of a heal.
     statement_timeout: float = STATEMENT_TIMEOUT
+    #: Inside a transaction, which statements get a savepoint. "auto": only
+    #: those that may collide where a retry can follow (a default-key INSERT
+    #: into a table not verified in sync, and the like; see
+    #: `selfheal.protect`). "always": every statement that can draw from a
+    #: sequence, as long as the transaction has savepoints to spare.
+    protect: str = "auto"
+    #: Seconds a table verified in sync stays trusted without a new check.
+    verified_for: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.protect not in PROTECT:
+            raise ValueError(f"protect must be one of {', '.join(map(repr, PROTECT))},"
+                             f" not {self.protect!r}")
+        if not self.verified_for >= 0:
+            raise ValueError(f"verified_for must be a number of seconds >= 0,"
+                             f" not {self.verified_for!r}")
 
 
 class Mode(enum.Enum):
@@ -69,32 +89,6 @@ _ROLLBACK = _drive.Command("ROLLBACK")
 #: restored back into the aborted state the plain driver would have left. Its
 #: message says why, for whoever reads the server log.
 ABORT = "SELECT 'selfheal: restoring the aborted transaction of a failed statement'::int"
-
-
-def choose_mode(
-    status: TransactionStatus,
-    autocommit: bool,
-    shape: Callable[[], Shape],
-    options: HealOptions,
-    *,
-    pipeline: bool = True,
-) -> Mode:
-    """Pick how to protect a statement from the connection's state (no I/O).
-
-    `shape` is called only where the protection depends on the statement's
-    text. `pipeline`: the savepoint can travel with the statement in one round
-    trip (False: the statement is not protected inside a transaction).
-    """
-    if status == TransactionStatus.IDLE:
-        return Mode.AUTOCOMMIT if autocommit else Mode.OPENED
-    if status == TransactionStatus.INTRANS:
-        if not (options.savepoints and pipeline):
-            return Mode.HEAL_ONLY
-        s = shape()
-        # A multi-statement string cannot share a pipeline, and may hold
-        # savepoint commands of its own that would release ours.
-        return Mode.SAVEPOINT if s.may_draw and not s.multi else Mode.HEAL_ONLY
-    return Mode.PASS
 
 
 def after_failure(mode: Mode, shape: Shape) -> Mode:
@@ -124,18 +118,22 @@ def heal_flow(
     database: str,
     options: HealOptions,
     not_healable: NotHealable,
+    facts: Facts | None = None,
 ) -> Operation[Any]:
     """After `ex` escaped the caller's statement: restore, heal, retry once.
 
     Runs on the caller's connection for every mode but HEAL_ONLY, which runs
     on an autocommit connection (the caller's if it is one and idle, else a
     side connection). Raises `ex` itself whenever it does not retry, leaving a
-    transaction the statement aborted aborted.
+    transaction the statement aborted aborted. `facts`: this database's, told
+    that the table collided.
     """
     key = constraint_of(ex)
     if key is None or key in not_healable:
         # Decided without I/O: the transaction is still aborted, as plain.
         raise ex
+    if facts is not None:
+        facts.at_risk(key[0], key[1])
     restore = mode is Mode.SAVEPOINT or mode is Mode.OPENED
     if restore:
         try:
@@ -147,6 +145,8 @@ def heal_flow(
         heal = yield from _heal(ex, key, mode, database, options, not_healable)
         if heal is None:
             raise ex
+        if facts is not None and heal.table != key[1]:
+            facts.at_risk(heal.schema, heal.table)  # a partition's root
         if not options.retry or mode is Mode.HEAL_ONLY or _supplies_key(shape, key, heal):
             # An explicit key that collides is a real duplicate: a retry
             # would fail the same way.

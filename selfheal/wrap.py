@@ -44,7 +44,9 @@ from psycopg.rows import Row
 
 from . import _attempt, _drive
 from .detect import NotHealable
-from .heal import HealOptions, Mode, after_failure, choose_mode, heal_flow, worth_healing
+from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
+from .insync import facts_for
+from .protect import Planner
 
 __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
@@ -62,6 +64,7 @@ class _Shell:
     _selfheal_pipelines: int
     _selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None
     _selfheal_notices: _attempt.HeldNotices | None
+    _selfheal_planner: Planner
     #: psycopg's pipeline class for this connection class (sync or async).
     _selfheal_pipeline_class: Any
 
@@ -77,6 +80,12 @@ class _Shell:
         self._selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None = None
         # The caller's notices, held while a statement may be retried.
         self._selfheal_notices: _attempt.HeldNotices | None = None
+        pgconn = self.pgconn  # type: ignore[attr-defined]
+        info = self.info  # type: ignore[attr-defined]
+        self._selfheal_planner = Planner(
+            facts_for((info.host, info.port, info.dbname)), info.user,
+            lambda: pgconn.parameter_status(b"search_path"),
+        )
 
     def _selfheal_plan(self, call: _attempt.Call) -> Mode:
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -89,7 +98,7 @@ class _Shell:
             # Without pipelines executemany() commits row by row in
             # autocommit: rows before a failure are in, so never run it twice.
             return Mode.HEAL_ONLY
-        return choose_mode(
+        return self._selfheal_planner.plan(
             status,
             self.autocommit,  # type: ignore[attr-defined]
             lambda: _attempt.shape(call.query, self),
@@ -129,6 +138,32 @@ class _Shell:
     def _selfheal_retrying(self) -> None:
         if self._selfheal_notices is not None:
             self._selfheal_notices.retrying()
+
+    def _selfheal_other(self, gen: Any) -> bool:
+        """Note what another generator means for the savepoints and the facts.
+
+        True: it opens a transaction block, and the facts' check is due first.
+        """
+        code = getattr(gen, "gi_code", None)
+        if code is _attempt.TX_ENTER:
+            status = self.pgconn.transaction_status  # type: ignore[attr-defined]
+            self._selfheal_planner.transaction_block(status)
+            return status == _IDLE and self._selfheal_refresh_due(Mode.OPENED)
+        if code is _attempt.COPY:
+            self._selfheal_planner.facts.forget_verified()
+        return False
+
+    def _selfheal_refresh_due(self, mode: Mode) -> bool:
+        # The facts' check runs at a moment the connection is idle outside
+        # any transaction, before the statement that starts the next one.
+        return (
+            (mode is Mode.AUTOCOMMIT or mode is Mode.OPENED)
+            and self._selfheal_planner.facts.due
+            and self.pgconn.pipeline_status == _OFF  # type: ignore[attr-defined]
+        )
+
+    def _selfheal_refresh_op(self) -> _drive.Operation[None]:
+        return self._selfheal_planner.facts.refresh(self.selfheal_options.verified_for)
 
     def _selfheal_side_needed(self) -> bool:
         # A heal on the caller's connection needs it idle, in autocommit and
@@ -193,7 +228,14 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             # call_of() took the parameters out of it.
             gen.close()
             gen = call.gen()
-        mode = Mode.PASS if call is None else self._selfheal_plan(call)
+        if call is None:
+            if self._selfheal_other(gen):
+                self._selfheal_refresh()
+            mode = Mode.PASS
+        else:
+            mode = self._selfheal_plan(call)
+            if self._selfheal_refresh_due(mode):
+                self._selfheal_refresh()
         if call is None or mode is Mode.PASS:
             try:
                 return super().wait(gen, interval, timeout)
@@ -221,6 +263,13 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             self._selfheal_busy = False
             if not (call.pipelined and succeeded):
                 self._selfheal_release_notices(succeeded)
+
+    def _selfheal_refresh(self) -> None:
+        busy, self._selfheal_busy = self._selfheal_busy, True
+        try:
+            _drive.run(self, self._selfheal_refresh_op())
+        finally:
+            self._selfheal_busy = busy
 
     def _selfheal_sync_pending(self, gen: PQGen[None]) -> None:
         assert self._selfheal_pending is not None
@@ -250,7 +299,8 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             self._selfheal_heal_only(ex, call)
             raise ex
         op = heal_flow(ex, mode, _attempt.shape(call.query, self), self.info.dbname,
-                       self.selfheal_options, self._selfheal_not_healable)
+                       self.selfheal_options, self._selfheal_not_healable,
+                       self._selfheal_planner.facts)
 
         def again() -> Any:
             self._selfheal_retrying()
@@ -269,7 +319,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             return
         shape = _attempt.shape(call.query, self) if call else _attempt.shape("", self)
         op = heal_flow(ex, Mode.HEAL_ONLY, shape, self.info.dbname, self.selfheal_options,
-                       self._selfheal_not_healable)
+                       self._selfheal_not_healable, self._selfheal_planner.facts)
         busy, self._selfheal_busy = self._selfheal_busy, True
         try:
             if self._selfheal_side_needed():
@@ -354,7 +404,14 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             # call_of() took the parameters out of it.
             gen.close()
             gen = call.gen()
-        mode = Mode.PASS if call is None else self._selfheal_plan(call)
+        if call is None:
+            if self._selfheal_other(gen):
+                await self._selfheal_refresh()
+            mode = Mode.PASS
+        else:
+            mode = self._selfheal_plan(call)
+            if self._selfheal_refresh_due(mode):
+                await self._selfheal_refresh()
         if call is None or mode is Mode.PASS:
             try:
                 return await super().wait(gen, interval, timeout)
@@ -382,6 +439,13 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             self._selfheal_busy = False
             if not (call.pipelined and succeeded):
                 self._selfheal_release_notices(succeeded)
+
+    async def _selfheal_refresh(self) -> None:
+        busy, self._selfheal_busy = self._selfheal_busy, True
+        try:
+            await _drive.arun(self, self._selfheal_refresh_op())
+        finally:
+            self._selfheal_busy = busy
 
     async def _selfheal_sync_pending(self, gen: PQGen[None]) -> None:
         assert self._selfheal_pending is not None
@@ -411,7 +475,8 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             await self._selfheal_heal_only(ex, call)
             raise ex
         op = heal_flow(ex, mode, _attempt.shape(call.query, self), self.info.dbname,
-                       self.selfheal_options, self._selfheal_not_healable)
+                       self.selfheal_options, self._selfheal_not_healable,
+                       self._selfheal_planner.facts)
 
         async def again() -> Any:
             self._selfheal_retrying()
@@ -430,7 +495,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             return
         shape = _attempt.shape(call.query, self) if call else _attempt.shape("", self)
         op = heal_flow(ex, Mode.HEAL_ONLY, shape, self.info.dbname, self.selfheal_options,
-                       self._selfheal_not_healable)
+                       self._selfheal_not_healable, self._selfheal_planner.facts)
         busy, self._selfheal_busy = self._selfheal_busy, True
         try:
             if self._selfheal_side_needed():
