@@ -840,7 +840,8 @@ options: st.SearchStrategy[Options] = st.builds(
     cursor=st.sampled_from(["Cursor", "ClientCursor", "RawCursor"]),
     rows=st.sampled_from(["tuple", "dict"]),
     restricted=st.sampled_from([False] * 5 + [True]),
-    heal=st.sampled_from([()] * 4 + [(("retry", False),), (("savepoints", False),)]),
+    heal=st.sampled_from([()] * 4 + [(("protect", "always"),)] * 2
+                         + [(("retry", False),), (("savepoints", False),)]),
 )
 
 

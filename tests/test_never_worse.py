@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 from structlog.testing import capture_logs
 
-from selfheal import AsyncHealingConnection, HealingConnection
+from selfheal import AsyncHealingConnection, HealingConnection, HealOptions
 from selfheal._sqltext import shape_of
 
 from .conftest import seq_next
@@ -106,6 +106,15 @@ async def acursor_result(cur: psycopg.AsyncCursor[Any]) -> tuple[Any, ...]:
         if not cur.nextset():
             break
     return tuple(sets)
+
+
+@pytest.fixture(autouse=True, params=["auto", "always"])
+def protect(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case in both protection modes: speed may never buy a difference."""
+    options = HealOptions(protect=request.param)
+    monkeypatch.setattr(HealingConnection, "selfheal_options", options)
+    monkeypatch.setattr(AsyncHealingConnection, "selfheal_options", options)
+    return str(request.param)
 
 
 @pytest.fixture

@@ -77,7 +77,9 @@ def _columns(cur: Any) -> tuple[tuple[str, int], ...] | None:
 class PsycopgSession:
     """A psycopg 3 connection, sync or async, driven by the harness."""
 
-    errors: tuple[type[BaseException], ...] = (psycopg.Error,)
+    # psycopg.Rollback escapes a transaction() block whose rollback failed
+    # (a COMMIT ran inside it): plain psycopg raises it too.
+    errors: tuple[type[BaseException], ...] = (psycopg.Error, psycopg.Rollback)
 
     def __init__(self, conn: Any, is_async: bool, raw: bool) -> None:
         self.conn = conn
