@@ -31,12 +31,14 @@ from ._sqltext import Shape, shape_of
 
 __all__ = [
     "COPY",
+    "EXECUTE",
     "EXIT",
     "TX_ENTER",
     "Call",
     "HeldNotices",
     "call_of",
     "collect",
+    "execute_call",
     "queued",
     "queued_and_collected",
     "savepointed",
@@ -44,7 +46,8 @@ __all__ = [
     "shape",
 ]
 
-_EXECUTE = BaseCursor._execute_gen.__code__
+#: psycopg's generator of one ``execute()``.
+EXECUTE = BaseCursor._execute_gen.__code__
 _MANY_PIPELINE = BaseCursor._executemany_gen_pipeline.__code__
 _MANY_NO_PIPELINE = BaseCursor._executemany_gen_no_pipeline.__code__
 
@@ -152,7 +155,7 @@ def call_of(gen: Any) -> Call | None:
     taken out of it (a retry needs them again) and it must not be run.
     """
     code = getattr(gen, "gi_code", None)
-    if code is _EXECUTE:
+    if code is EXECUTE:
         f = gen.gi_frame.f_locals
         return Call(f["self"], f["query"], f["params"], many=False, pipelined=False,
                     prepare=f["prepare"], binary=f["binary"])
@@ -161,6 +164,12 @@ def call_of(gen: Any) -> Call | None:
         return Call(f["self"], f["query"], list(f["params_seq"]), many=True,
                     pipelined=code is _MANY_PIPELINE, returning=f["returning"])
     return None
+
+
+def execute_call(f: dict[str, Any]) -> Call:
+    """The `Call` of an ``execute()`` generator, from its frame's locals."""
+    return Call(f["self"], f["query"], f["params"], many=False, pipelined=False,
+                prepare=f["prepare"], binary=f["binary"])
 
 
 def savepointed(conn: Any, pipeline: Any, gen: PQGen[None]) -> PQGen[None]:

@@ -99,6 +99,12 @@ class Relation:
     #: The role that looked can read its key and sequence.
     readable: bool
 
+    @property
+    def key(self) -> Key:
+        """The table its facts are kept under: the one its key belongs to."""
+        info = self.info
+        return (info.schema, info.table) if info is not None else (self.schema, self.table)
+
 
 class Facts:
     """What one process knows about one database."""
@@ -120,6 +126,8 @@ class Facts:
         self._refreshing = False
         #: Something is wanted: run `refresh` at the next idle moment.
         self.due = False
+        #: Changes whenever what the catalog says may have changed.
+        self.epoch = 0
 
     @property
     def known(self) -> bool:
@@ -158,11 +166,16 @@ class Facts:
         if until is not None and until > now:
             return True
         if rel.readable and self._risky.get(key, 0.0) <= now:
+            self.renew(rel)
+        return False
+
+    def renew(self, rel: Relation) -> None:
+        """Ask for a new check of `rel` at the next idle moment."""
+        if rel.info is not None and rel.key not in self._wanted_tables:
             with self._lock:
                 if len(self._wanted_tables) < LIMIT:
-                    self._wanted_tables[key] = info
+                    self._wanted_tables[rel.key] = rel.info
                     self.due = True
-        return False
 
     def want_triggers(self) -> None:
         """Ask to learn whether the database has triggers or rules."""
@@ -191,6 +204,7 @@ class Facts:
             self._resolved.clear()
             self.verified.clear()
             self.triggers = None
+            self.epoch += 1
 
     # -- the check: one round trip, I/O-free ---------------------------------------
 
@@ -206,7 +220,10 @@ class Facts:
             if self._refreshing or not self.due:
                 return
             self._refreshing, self.due = True, False
-            names = sorted(self._wanted_names)
+            # Names read long ago are read again with whatever was asked for.
+            stale = [name for name, (at, _) in self._catalog.items()
+                     if at <= now - CATALOG_PERIOD][:CHECK_LIMIT]
+            names = sorted(self._wanted_names.union(stale))
             tables = list(self._wanted_tables.values())
             self._wanted_names.clear()
             self._wanted_tables.clear()
@@ -286,6 +303,7 @@ class Facts:
             self._catalog.clear()
         for name, rels in found.items():
             self._catalog[name] = (now, tuple(rels))
+        self.epoch += 1
 
     def _failed(self, names: list[str], tables: list[TableInfo]) -> None:
         # Unknown until the retry: statements stay protected meanwhile.
@@ -293,6 +311,7 @@ class Facts:
         with self._lock:
             for name in names:
                 self._catalog[name] = (until - CATALOG_PERIOD, ())
+            self.epoch += 1
             for info in tables:
                 self._risky[(info.schema, info.table)] = until
 

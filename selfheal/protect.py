@@ -22,20 +22,30 @@ on a side connection and the error re-raised, as plain.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from psycopg.pq import TransactionStatus
 
 from ._sqltext import Shape
 from .heal import HealOptions, Mode
-from .insync import Facts
+from .insync import Facts, Relation
 
 __all__ = ["SUBTRANSACTIONS", "Planner"]
 
 #: The most savepoints one transaction holds through selfheal, the caller's
 #: own included: PostgreSQL's per-backend subtransaction cache.
 SUBTRANSACTIONS = 64
+
+#: Seconds before a verified fact runs out when a new check is asked for, so
+#: that a steady stream of statements never meets it expired.
+RENEW = 0.25
+
+#: Query strings whose verdicts one connection keeps.
+VERDICTS = 512
 
 #: Statements after which what the catalog said may be wrong.
 SCHEMA_CHANGES = frozenset({"CREATE", "ALTER", "DROP", "TRUNCATE", "IMPORT", "REINDEX"})
@@ -44,52 +54,81 @@ _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 
 
+class Kind(enum.Enum):
+    """What a statement is, for protection: decided once per query string."""
+
+    QUIET = "quiet"  # cannot draw from a sequence
+    SAVEPOINT = "savepoint"  # the caller's own SAVEPOINT
+    SCHEMA = "schema"  # DDL, or a string of several statements: facts forgotten
+    UNSURE = "unsure"  # may draw, nothing known to say it cannot collide
+    TRIGGERED = "triggered"  # UPDATE or DELETE: may draw through triggers or rules
+    NO_KEY = "no_key"  # INSERT into a table without a sequence-backed key
+    EXPLICIT = "explicit"  # INSERT that names the key
+    DEFAULT_KEY = "default_key"  # INSERT drawing the key: safe while verified in sync
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Kind
+    #: The facts' catalog epoch it was judged in.
+    epoch: int
+    #: The search_path it was judged under (None: it does not depend on it).
+    search_path: str | bytes | None = None
+    #: The table written to (EXPLICIT, DEFAULT_KEY), and the key of its facts.
+    rel: Relation | None = None
+    key: tuple[str, str] | None = None
+
+
+# Enum members as module constants: the hot path compares them by identity.
+_PASS, _AUTOCOMMIT, _OPENED = Mode.PASS, Mode.AUTOCOMMIT, Mode.OPENED
+_QUIET, _DEFAULT_KEY = Kind.QUIET, Kind.DEFAULT_KEY
+
+
 class Planner:
     """One connection's protection decisions and savepoint count."""
 
-    __slots__ = ("facts", "savepoints", "search_path", "user")
+    __slots__ = ("_verdicts", "facts", "savepoints", "search_path", "shape", "user")
 
     def __init__(self, facts: Facts, user: str,
-                 search_path: Callable[[], str | bytes | None]) -> None:
+                 search_path: Callable[[], str | bytes | None],
+                 shape: Callable[[Any, Any], Shape]) -> None:
         self.facts = facts
+        #: `shape(query, conn)`: what the driver's query object says (cached).
+        self.shape = shape
         self.user = user
         #: The session's search_path as the server reports it (None: not reported).
         self.search_path = search_path
         #: Savepoints in the current transaction, selfheal's and the caller's.
         self.savepoints = 0
+        self._verdicts: dict[str | bytes, Verdict] = {}
 
-    def plan(self, status: TransactionStatus, autocommit: bool, shape: Callable[[], Shape],
-             options: HealOptions, *, pipeline: bool = True) -> Mode:
+    def plan(self, status: TransactionStatus, autocommit: bool, query: Any, conn: Any,
+             options: HealOptions, pipeline: bool = True) -> Mode:
         """How to run the caller's next statement, from the connection's state.
 
-        `shape` is called only where the answer depends on the statement's
-        text. `pipeline`: a savepoint can travel with the statement in one
-        round trip.
+        `pipeline`: a savepoint can travel with the statement in one round trip.
         """
+        if status == _INTRANS:
+            v = self._verdict(query, conn)
+            kind = v.kind
+            if kind is _DEFAULT_KEY and options.protect == "auto":
+                # The hot path: a table verified in sync needs no savepoint.
+                until = self.facts.verified.get(v.key)  # type: ignore[arg-type]
+                if until is not None:
+                    now = time.monotonic()
+                    if until > now:
+                        if until < now + RENEW:
+                            self.facts.renew(v.rel)  # type: ignore[arg-type]
+                        return _PASS
+            elif kind is _QUIET:
+                return _PASS
+            return self._in_transaction(v, options, pipeline)
         if status == _IDLE:
             self.savepoints = 0
             if self.facts.known:
-                self._watch(shape())
-            return Mode.AUTOCOMMIT if autocommit else Mode.OPENED
-        if status != _INTRANS:
-            return Mode.PASS
-        s = shape()
-        keyword = s.keyword
-        if keyword == "SAVEPOINT":
-            self.savepoints += 1
-            return Mode.PASS
-        if (not s.may_draw or s.multi or not (options.savepoints and pipeline)
-                or self.savepoints >= SUBTRANSACTIONS):
-            # A multi-statement string cannot share a pipeline, and may hold
-            # savepoint commands of its own that would release ours.
-            self._watch(s)
-            return Mode.PASS
-        if options.protect == "always":
-            self._watch(s)
-        elif not self._at_risk(s):
-            return Mode.PASS
-        self.savepoints += 1
-        return Mode.SAVEPOINT
+                self._watch(self._verdict(query, conn))
+            return _AUTOCOMMIT if autocommit else _OPENED
+        return _PASS
 
     def transaction_block(self, status: TransactionStatus) -> None:
         """The caller opens a ``conn.transaction()`` block: a savepoint when inside one."""
@@ -98,29 +137,40 @@ class Planner:
         elif status == _INTRANS:
             self.savepoints += 1
 
-    def _at_risk(self, s: Shape) -> bool:
-        """Whether `s` inside a transaction may collide where a retry can follow."""
-        keyword = s.keyword
-        if keyword == "INSERT":
-            if s.insert_table is None:
-                return True
-            facts = self.facts
-            now = time.monotonic()
-            rel = facts.target(s.insert_table, self.search_path(), self.user, now)
-            if rel is None or rel.guarded:
-                return True
-            info = rel.info
-            if info is None:
-                return False  # no sequence-backed key: nothing selfheal could retry
-            if s.insert_columns is None:
-                return True
-            if info.column in s.insert_columns:
-                # An explicit key: a collision is a real duplicate, never
-                # retried; and the table may now be ahead of its sequence.
-                facts.at_risk(info.schema, info.table)
-                return False
-            return not facts.in_sync(rel, now)
-        if keyword in ("UPDATE", "DELETE"):
+    def _in_transaction(self, v: Verdict, options: HealOptions, pipeline: bool) -> Mode:
+        kind = v.kind
+        if kind is Kind.SAVEPOINT:
+            self.savepoints += 1
+            return Mode.PASS
+        if kind is Kind.QUIET or kind is Kind.SCHEMA:
+            # A multi-statement string cannot share a pipeline, and may hold
+            # savepoint commands of its own that would release ours.
+            self._watch(v)
+            return Mode.PASS
+        if not (options.savepoints and pipeline) or self.savepoints >= SUBTRANSACTIONS:
+            self._watch(v)
+            return Mode.PASS
+        if options.protect == "always":
+            self._watch(v)
+        elif not self._at_risk(v):
+            return Mode.PASS
+        self.savepoints += 1
+        return Mode.SAVEPOINT
+
+    def _at_risk(self, v: Verdict) -> bool:
+        """Whether a statement inside a transaction may collide where a retry can follow."""
+        kind = v.kind
+        if kind is Kind.DEFAULT_KEY:
+            assert v.rel is not None
+            return not self.facts.in_sync(v.rel, time.monotonic())
+        if kind is Kind.EXPLICIT:
+            # A collision on an explicit key is a real duplicate, never
+            # retried; and the table may now be ahead of its sequence.
+            self._watch(v)
+            return False
+        if kind is Kind.NO_KEY:
+            return False  # no sequence-backed key: nothing selfheal could retry
+        if kind is Kind.TRIGGERED:
             triggers = self.facts.triggers
             if triggers is None:
                 self.facts.want_triggers()
@@ -128,15 +178,50 @@ class Planner:
             return triggers
         return True
 
-    def _watch(self, s: Shape) -> None:
+    def _watch(self, v: Verdict) -> None:
         """Note what a statement run without a check does to the facts."""
-        keyword = s.keyword
-        if keyword == "INSERT":
-            if s.insert_table is None or s.insert_columns is None:
-                return
-            rel = self.facts.target(s.insert_table, self.search_path(), self.user,
-                                    time.monotonic())
-            if rel is not None and rel.info is not None and rel.info.column in s.insert_columns:
-                self.facts.at_risk(rel.info.schema, rel.info.table)
-        elif keyword in SCHEMA_CHANGES or s.multi:
+        if v.kind is Kind.EXPLICIT:
+            assert v.rel is not None
+            self.facts.at_risk(*v.rel.key)
+        elif v.kind is Kind.SCHEMA:
             self.facts.schema_changed()
+
+    def _verdict(self, query: Any, conn: Any) -> Verdict:
+        """What `query` is, judged once per string and catalog epoch."""
+        found = self._verdicts.get(query) if isinstance(query, (str, bytes)) else None
+        if found is not None and found.epoch == self.facts.epoch and (
+                found.search_path is None or found.search_path == self.search_path()):
+            return found
+        v = self._judge(self.shape(query, conn))
+        if isinstance(query, (str, bytes)):
+            if len(self._verdicts) >= VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[query] = v
+        return v
+
+    def _judge(self, s: Shape) -> Verdict:
+        facts = self.facts
+        epoch = facts.epoch
+        keyword = s.keyword
+        if keyword == "SAVEPOINT":
+            return Verdict(Kind.SAVEPOINT, epoch)
+        if s.multi or keyword in SCHEMA_CHANGES:
+            return Verdict(Kind.SCHEMA, epoch)
+        if not s.may_draw:
+            return Verdict(Kind.QUIET, epoch)
+        if keyword in ("UPDATE", "DELETE"):
+            return Verdict(Kind.TRIGGERED, epoch)
+        if keyword != "INSERT" or s.insert_table is None:
+            return Verdict(Kind.UNSURE, epoch)
+        search_path = self.search_path() if len(s.insert_table) == 1 else None
+        rel = facts.target(s.insert_table, search_path, self.user, time.monotonic())
+        epoch = facts.epoch  # target() may have learnt nothing new, or asked
+        if rel is None or rel.guarded:
+            return Verdict(Kind.UNSURE, epoch, search_path)
+        if rel.info is None:
+            return Verdict(Kind.NO_KEY, epoch, search_path, rel, rel.key)
+        if s.insert_columns is None:
+            return Verdict(Kind.UNSURE, epoch, search_path)
+        if rel.info.column in s.insert_columns:
+            return Verdict(Kind.EXPLICIT, epoch, search_path, rel, rel.key)
+        return Verdict(Kind.DEFAULT_KEY, epoch, search_path, rel, rel.key)

@@ -13,11 +13,13 @@ What "protect" costs depends on the transaction state the statement runs in:
   statement), the sequence healed and the statement retried. A statement
   that may have committed part of its work first (CALL, DO, a string of
   several statements) is healed and re-raised, never run twice.
-- inside a transaction: a single statement that can draw from a sequence
-  (INSERT, UPDATE, DELETE, MERGE, WITH, CALL, DO, EXECUTE) runs under a
-  savepoint sent with it in one pipeline (one round trip), so earlier work
-  survives the failure. Other statements run as they are; if one collides,
-  the sequence is healed on a side connection and the error re-raised.
+- inside a transaction: a single statement that may collide where a retry
+  can follow (`selfheal.protect` decides: say a default-key INSERT into a
+  table not verified in sync) runs under a savepoint sent with it in one
+  pipeline (one round trip), so earlier work survives the failure; never more
+  than 64 savepoints a transaction. Other statements run as they are; if one
+  collides, the sequence is healed on a side connection and the error
+  re-raised.
 - a failed transaction, or the caller's own pipeline: the statement runs as
   it is; a collision heals on a side connection and re-raises.
 
@@ -51,6 +53,9 @@ from .protect import Planner
 __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
 _OFF = PipelineStatus.OFF
+_PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
+# Whether this libpq has pipelines (a savepoint then travels with the statement).
+_PIPELINES = psycopg.Pipeline.is_supported()
 _IDLE = TransactionStatus.IDLE
 _RV = Any
 
@@ -85,28 +90,46 @@ class _Shell:
         self._selfheal_planner = Planner(
             facts_for((info.host, info.port, info.dbname)), info.user,
             lambda: pgconn.parameter_status(b"search_path"),
+            _attempt.shape,
         )
 
-    def _selfheal_plan(self, call: _attempt.Call) -> Mode:
+    def _selfheal_plan(self, query: Any) -> Mode:
+        """The mode of one ``execute()`` (the hot path: no I/O, dictionary lookups)."""
+        pgconn = self.pgconn  # type: ignore[attr-defined]
+        if pgconn.pipeline_status != _OFF:
+            return Mode.PASS  # the caller's pipeline: its errors come later
+        return self._selfheal_planner.plan(
+            pgconn.transaction_status, self._autocommit, query, self,  # type: ignore[attr-defined]
+            self.selfheal_options,
+            # Without pipelines a savepoint costs its own round trips.
+            _PIPELINES,
+        )
+
+    def _selfheal_plan_many(self, call: _attempt.Call) -> Mode:
         pgconn = self.pgconn  # type: ignore[attr-defined]
         if pgconn.pipeline_status != _OFF and not (
             call.pipelined and not self._selfheal_pipelines
         ):
             return Mode.PASS  # the caller's pipeline: its errors come later
         status = pgconn.transaction_status
-        if call.many and not call.pipelined and status == _IDLE and self.autocommit:  # type: ignore[attr-defined]
+        if not call.pipelined and status == _IDLE and self._autocommit:  # type: ignore[attr-defined]
             # Without pipelines executemany() commits row by row in
             # autocommit: rows before a failure are in, so never run it twice.
             return Mode.HEAL_ONLY
         return self._selfheal_planner.plan(
-            status,
-            self.autocommit,  # type: ignore[attr-defined]
-            lambda: _attempt.shape(call.query, self),
+            status, self._autocommit, call.query, self,  # type: ignore[attr-defined]
             self.selfheal_options,
-            # Without pipelines a savepoint costs its own round trips: worth
-            # it for a whole executemany() only.
-            pipeline=call.many or psycopg.Pipeline.is_supported(),
+            pipeline=True,  # a savepoint around a whole executemany() is worth its trips
         )
+
+    def _selfheal_fast(self, mode: Mode) -> bool:
+        """Whether the first attempt can run exactly as plain: nothing to add before it.
+
+        The mode is not PASS and ``_selfheal_plan`` found no pipeline.
+        """
+        return (mode is not _SAVEPOINT
+                and not self._notice_handlers  # type: ignore[attr-defined]
+                and not self._selfheal_planner.facts.due)
 
     def _selfheal_first(self, call: _attempt.Call, gen: PQGen[None], mode: Mode) -> PQGen[Any]:
         savepoint = mode is Mode.SAVEPOINT
@@ -223,25 +246,43 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             return super().wait(gen, interval, timeout)
         if self._selfheal_pending is not None and getattr(gen, "gi_code", None) is _attempt.EXIT:
             return self._selfheal_sync_pending(gen)
-        call = _attempt.call_of(gen)
-        if call is not None and call.many:
-            # call_of() took the parameters out of it.
-            gen.close()
-            gen = call.gen()
-        if call is None:
-            if self._selfheal_other(gen):
-                self._selfheal_refresh()
-            mode = Mode.PASS
+        code = getattr(gen, "gi_code", None)
+        call: _attempt.Call | None
+        if code is _attempt.EXECUTE:
+            # The hot path: one execute().
+            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            mode = self._selfheal_plan(f["query"])
+            if mode is _PASS:
+                try:
+                    return super().wait(gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    self._selfheal_heal_only(ex)
+                    raise
+            if self._selfheal_fast(mode):
+                try:
+                    return super().wait(gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
+            call = _attempt.execute_call(f)
         else:
-            mode = self._selfheal_plan(call)
-            if self._selfheal_refresh_due(mode):
-                self._selfheal_refresh()
+            call = _attempt.call_of(gen)
+            if call is None:
+                if self._selfheal_other(gen):
+                    self._selfheal_refresh()
+                mode = Mode.PASS
+            else:
+                # call_of() took the parameters out of it.
+                gen.close()
+                gen = call.gen()
+                mode = self._selfheal_plan_many(call)
         if call is None or mode is Mode.PASS:
             try:
                 return super().wait(gen, interval, timeout)
             except pgerrors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex)
                 raise
+        if self._selfheal_refresh_due(mode):
+            self._selfheal_refresh()
         self._selfheal_busy = True
         self._selfheal_hold_notices()
         succeeded = False
@@ -263,6 +304,14 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             self._selfheal_busy = False
             if not (call.pipelined and succeeded):
                 self._selfheal_release_notices(succeeded)
+
+    def _selfheal_first_failed(self, ex: pgerrors.UniqueViolation, call: _attempt.Call,
+                               mode: Mode) -> Any:
+        self._selfheal_busy = True
+        try:
+            return self._selfheal_heal(ex, call, mode)
+        finally:
+            self._selfheal_busy = False
 
     def _selfheal_refresh(self) -> None:
         busy, self._selfheal_busy = self._selfheal_busy, True
@@ -399,25 +448,43 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             return await super().wait(gen, interval, timeout)
         if self._selfheal_pending is not None and getattr(gen, "gi_code", None) is _attempt.EXIT:
             return await self._selfheal_sync_pending(gen)
-        call = _attempt.call_of(gen)
-        if call is not None and call.many:
-            # call_of() took the parameters out of it.
-            gen.close()
-            gen = call.gen()
-        if call is None:
-            if self._selfheal_other(gen):
-                await self._selfheal_refresh()
-            mode = Mode.PASS
+        code = getattr(gen, "gi_code", None)
+        call: _attempt.Call | None
+        if code is _attempt.EXECUTE:
+            # The hot path: one execute().
+            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            mode = self._selfheal_plan(f["query"])
+            if mode is _PASS:
+                try:
+                    return await super().wait(gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    await self._selfheal_heal_only(ex)
+                    raise
+            if self._selfheal_fast(mode):
+                try:
+                    return await super().wait(gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    return await self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
+            call = _attempt.execute_call(f)
         else:
-            mode = self._selfheal_plan(call)
-            if self._selfheal_refresh_due(mode):
-                await self._selfheal_refresh()
+            call = _attempt.call_of(gen)
+            if call is None:
+                if self._selfheal_other(gen):
+                    await self._selfheal_refresh()
+                mode = Mode.PASS
+            else:
+                # call_of() took the parameters out of it.
+                gen.close()
+                gen = call.gen()
+                mode = self._selfheal_plan_many(call)
         if call is None or mode is Mode.PASS:
             try:
                 return await super().wait(gen, interval, timeout)
             except pgerrors.UniqueViolation as ex:
                 await self._selfheal_heal_only(ex)
                 raise
+        if self._selfheal_refresh_due(mode):
+            await self._selfheal_refresh()
         self._selfheal_busy = True
         self._selfheal_hold_notices()
         succeeded = False
@@ -439,6 +506,14 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             self._selfheal_busy = False
             if not (call.pipelined and succeeded):
                 self._selfheal_release_notices(succeeded)
+
+    async def _selfheal_first_failed(self, ex: pgerrors.UniqueViolation,
+                                     call: _attempt.Call, mode: Mode) -> Any:
+        self._selfheal_busy = True
+        try:
+            return await self._selfheal_heal(ex, call, mode)
+        finally:
+            self._selfheal_busy = False
 
     async def _selfheal_refresh(self) -> None:
         busy, self._selfheal_busy = self._selfheal_busy, True
