@@ -45,6 +45,7 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_insert.py
 	$(BIN)/python bench/bench_check.py
+	$(BIN)/python bench/bench_txn.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .peer build *.egg-info

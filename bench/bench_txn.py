@@ -1,0 +1,219 @@
+"""
+What HealingConnection costs inside transactions, shape by shape, against plain psycopg.
+
+    python bench/bench_txn.py [--dsn DSN] [--rounds R] [--txns N]
+
+Without --dsn it starts an embedded PostgreSQL. Each round runs every shape
+N times on a plain and on a healing connection, interleaved transaction by
+transaction on the same server; the ratio is healing/plain of the median
+round. Also printed:
+the transaction ids each shape takes per transaction (one for the
+transaction, one per savepoint that wrote), and the latency of an insert
+that collides and is healed and retried, against a plain insert.
+
+Shapes: a pgbench-style TPC-B transaction (3 UPDATE, SELECT, INSERT into a
+bigserial history); an ORM request (SELECT, INSERT ... RETURNING into a
+serial table, UPDATE); an insert-only transaction (20 default-id inserts);
+the same into a table known to be drifted (so every insert is protected);
+and a single-row insert in autocommit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from selfheal import HealingConnection
+
+SETUP = """
+CREATE TABLE branches (bid int PRIMARY KEY, bbalance int NOT NULL DEFAULT 0);
+CREATE TABLE tellers (tid int PRIMARY KEY, bid int NOT NULL, tbalance int NOT NULL DEFAULT 0);
+CREATE TABLE accounts (aid int PRIMARY KEY, bid int NOT NULL, abalance int NOT NULL DEFAULT 0);
+CREATE TABLE history (id bigserial PRIMARY KEY, tid int, bid int, aid int, delta int,
+                      mtime timestamptz);
+INSERT INTO branches (bid) SELECT g FROM generate_series(1, 10) g;
+INSERT INTO tellers (tid, bid) SELECT g, 1 + g % 10 FROM generate_series(1, 100) g;
+INSERT INTO accounts (aid, bid) SELECT g, 1 + g % 10 FROM generate_series(1, 100000) g;
+CREATE TABLE users (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE orders (id serial PRIMARY KEY, user_id int NOT NULL, note text);
+INSERT INTO users (name) SELECT 'u' || g FROM generate_series(1, 1000) g;
+CREATE TABLE items (id serial PRIMARY KEY, v int);
+CREATE TABLE drifted (id serial PRIMARY KEY, v int);
+"""
+
+Conn = psycopg.Connection[Any]
+
+
+def tpcb(conn: Conn, rng: random.Random) -> None:
+    aid, tid, bid, delta = (rng.randint(1, 100000), rng.randint(1, 100), rng.randint(1, 10),
+                            rng.randint(-5000, 5000))
+    conn.execute("UPDATE accounts SET abalance = abalance + %s WHERE aid = %s", (delta, aid))
+    conn.execute("SELECT abalance FROM accounts WHERE aid = %s", (aid,)).fetchone()
+    conn.execute("UPDATE tellers SET tbalance = tbalance + %s WHERE tid = %s", (delta, tid))
+    conn.execute("UPDATE branches SET bbalance = bbalance + %s WHERE bid = %s", (delta, bid))
+    conn.execute("INSERT INTO history (tid, bid, aid, delta, mtime)"
+                 " VALUES (%s, %s, %s, %s, now())", (tid, bid, aid, delta))
+    conn.commit()
+
+
+def orm(conn: Conn, rng: random.Random) -> None:
+    uid = rng.randint(1, 1000)
+    conn.execute("SELECT id, name FROM users WHERE id = %s", (uid,)).fetchone()
+    conn.execute("INSERT INTO orders (user_id, note) VALUES (%s, %s) RETURNING id",
+                 (uid, "n")).fetchone()
+    conn.execute("UPDATE users SET name = %s WHERE id = %s", (f"u{uid}", uid))
+    conn.commit()
+
+
+def inserts(table: str) -> Callable[[Conn, random.Random], None]:
+    # A string, as applications send: composed once.
+    query = sql.SQL("INSERT INTO {} (v) VALUES (%s)").format(sql.Identifier(table)).as_string()
+
+    def run(conn: Conn, rng: random.Random) -> None:
+        for i in range(20):
+            conn.execute(query, (i,))
+        conn.commit()
+
+    return run
+
+
+def autocommit_insert(conn: Conn, rng: random.Random) -> None:
+    conn.execute("INSERT INTO items (v) VALUES (%s)", (1,))
+
+
+def mark_drifted(conn: Conn) -> None:
+    """Write an explicit id to `drifted`, as a seeder would: selfheal protects it from now."""
+    conn.execute("INSERT INTO drifted (id, v) SELECT min(id) - 1, 0 FROM"
+                 " (SELECT coalesce(min(id), 0) AS id FROM drifted) m")
+    conn.commit()
+
+
+SHAPES: dict[str, tuple[Callable[[Conn, random.Random], None], bool]] = {
+    "tpcb": (tpcb, False),
+    "orm": (orm, False),
+    "insert-only": (inserts("items"), False),
+    "drifted": (inserts("drifted"), False),
+    "autocommit": (autocommit_insert, True),
+}
+
+
+def next_xid(conn: Conn) -> int:
+    (xmax,), = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())").fetchall()
+    return int(str(xmax))
+
+
+def round_of(name: str, plain: Conn, healing: Conn, txns: int, seed: int
+             ) -> tuple[float, float]:
+    """Seconds `txns` transactions of `name` take on each connection, interleaved
+    transaction by transaction (so the machine's drifts hit both alike)."""
+    run, _ = SHAPES[name]
+    if name == "drifted":
+        mark_drifted(plain)
+        mark_drifted(healing)
+    rngs = random.Random(seed), random.Random(seed)
+    spent = [0.0, 0.0]
+    clock = time.perf_counter
+    for i in range(txns):
+        for side in ((0, 1) if i % 2 else (1, 0)):
+            conn = healing if side else plain
+            started = clock()
+            run(conn, rngs[side])
+            spent[side] += clock() - started
+    return spent[0], spent[1]
+
+
+def heal_latency(dsn: str, samples: int) -> tuple[float, float]:
+    """Median seconds of a plain insert and of one healed and retried, both in a transaction."""
+    plain, healed = [], []
+    with psycopg.connect(dsn, autocommit=True) as admin, HealingConnection.connect(dsn) as hc:
+        admin.execute("CREATE TABLE lat (id serial PRIMARY KEY, v int)")
+        for i in range(samples):
+            hc.execute("SELECT 1")  # the transaction is open: the insert runs inside it
+            started = time.perf_counter()
+            hc.execute("INSERT INTO lat (v) VALUES (0)")
+            plain.append(time.perf_counter() - started)
+            hc.commit()
+            admin.execute("INSERT INTO lat (id, v) SELECT max(id) + g, 1 FROM lat,"
+                          " generate_series(1, 3) g GROUP BY g")
+            hc.execute("SELECT 1")
+            started = time.perf_counter()
+            hc.execute("INSERT INTO lat (v) VALUES (%s)", (i,))
+            healed.append(time.perf_counter() - started)
+            hc.commit()
+    return statistics.median(plain), statistics.median(healed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--dsn")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--txns", type=int, default=200)
+    args = parser.parse_args()
+    # Heal events are not what is measured here.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    server = None
+    dsn = args.dsn
+    if dsn is None:
+        from selfheal._embedded import start_server
+
+        dsn, server = start_server()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(SETUP)
+            conns: dict[tuple[str, bool], Conn] = {}
+            for healing in (False, True):
+                cls = HealingConnection if healing else psycopg.Connection
+                for autocommit in (False, True):
+                    conns[("healing" if healing else "plain", autocommit)] = cls.connect(
+                        dsn, autocommit=autocommit)
+            times: dict[tuple[str, str], list[float]] = {}
+            xids: dict[tuple[str, str], float] = {}
+            for r in range(args.rounds + 1):
+                for name, (_, autocommit) in SHAPES.items():
+                    plain, healing = conns[("plain", autocommit)], conns[("healing", autocommit)]
+                    spent = round_of(name, plain, healing, args.txns, seed=r)
+                    if r:  # round 0 warms up the server and selfheal's facts
+                        times.setdefault((name, "plain"), []).append(spent[0])
+                        times.setdefault((name, "healing"), []).append(spent[1])
+                for name, (_, autocommit) in SHAPES.items():
+                    for side in ("plain", "healing"):
+                        # Transaction ids per transaction, one side at a time,
+                        # in a steady stream (after 20 unmeasured).
+                        run, _ = SHAPES[name]
+                        rng = random.Random(r)
+                        for _ in range(20):
+                            run(conns[(side, autocommit)], rng)
+                        before = next_xid(admin)
+                        for _ in range(20):
+                            run(conns[(side, autocommit)], rng)
+                        xids[(name, side)] = (next_xid(admin) - before) / 20
+            for conn in conns.values():
+                conn.close()
+        print(f"{args.rounds} interleaved rounds of {args.txns} transactions per shape;"
+              " median round")
+        print(f"{'shape':<12} {'plain us/txn':>13} {'healing us/txn':>15} {'ratio':>6}"
+              f" {'xids/txn plain':>15} {'healing':>8}")
+        for name in SHAPES:
+            p = statistics.median(times[(name, "plain")]) / args.txns * 1e6
+            h = statistics.median(times[(name, "healing")]) / args.txns * 1e6
+            print(f"{name:<12} {p:>13.0f} {h:>15.0f} {h / p:>5.2f}x"
+                  f" {xids[(name, 'plain')]:>15.2f} {xids[(name, 'healing')]:>8.2f}")
+        plain_ins, healed_ins = heal_latency(dsn, 50)
+        print(f"insert in a transaction: {plain_ins * 1e6:.0f} us; healed and retried:"
+              f" {healed_ins * 1e6:.0f} us ({healed_ins / plain_ins:.1f}x)")
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+if __name__ == "__main__":
+    main()
