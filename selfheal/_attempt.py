@@ -148,13 +148,15 @@ class HeldNotices:
                     continue
 
 
-def call_of(gen: Any) -> Call | None:
+def call_of(gen: Any, code: Any = None) -> Call | None:
     """The caller's statement `gen` will run, or None for any other generator.
 
-    An ``executemany()`` generator is not started yet: its parameters are
-    taken out of it (a retry needs them again) and it must not be run.
+    `code`: the generator's code object, when already read. An
+    ``executemany()`` generator is not started yet: its parameters are taken
+    out of it (a retry needs them again) and it must not be run.
     """
-    code = getattr(gen, "gi_code", None)
+    if code is None:
+        code = getattr(gen, "gi_code", None)
     if code is EXECUTE:
         f = gen.gi_frame.f_locals
         return Call(f["self"], f["query"], f["params"], many=False, pipelined=False,

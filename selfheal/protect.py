@@ -81,7 +81,7 @@ class Verdict:
 
 # Enum members as module constants: the hot path compares them by identity.
 _PASS, _AUTOCOMMIT, _OPENED = Mode.PASS, Mode.AUTOCOMMIT, Mode.OPENED
-_QUIET, _DEFAULT_KEY = Kind.QUIET, Kind.DEFAULT_KEY
+_QUIET, _DEFAULT_KEY, _TRIGGERED = Kind.QUIET, Kind.DEFAULT_KEY, Kind.TRIGGERED
 
 
 class Planner:
@@ -102,14 +102,17 @@ class Planner:
         self.savepoints = 0
         self._verdicts: dict[str | bytes, Verdict] = {}
 
-    def plan(self, status: TransactionStatus, autocommit: bool, query: Any, conn: Any,
+    def plan(self, status: int, autocommit: bool, query: Any, conn: Any,
              options: HealOptions, pipeline: bool = True) -> Mode:
         """How to run the caller's next statement, from the connection's state.
 
         `pipeline`: a savepoint can travel with the statement in one round trip.
         """
         if status == _INTRANS:
-            v = self._verdict(query, conn)
+            v = self._verdicts.get(query) if type(query) is str else None
+            if v is None or v.epoch != self.facts.epoch or (
+                    v.search_path is not None and v.search_path != self.search_path()):
+                v = self._verdict(query, conn)
             kind = v.kind
             if kind is _DEFAULT_KEY and options.protect == "auto":
                 # The hot path: a table verified in sync needs no savepoint.
@@ -120,7 +123,7 @@ class Planner:
                         if until < now + RENEW:
                             self.facts.renew(v.rel)  # type: ignore[arg-type]
                         return _PASS
-            elif kind is _QUIET:
+            elif kind is _QUIET or (kind is _TRIGGERED and self.facts.triggers is False):
                 return _PASS
             return self._in_transaction(v, options, pipeline)
         if status == _IDLE:
@@ -130,7 +133,7 @@ class Planner:
             return _AUTOCOMMIT if autocommit else _OPENED
         return _PASS
 
-    def transaction_block(self, status: TransactionStatus) -> None:
+    def transaction_block(self, status: int) -> None:
         """The caller opens a ``conn.transaction()`` block: a savepoint when inside one."""
         if status == _IDLE:
             self.savepoints = 0

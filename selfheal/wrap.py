@@ -32,6 +32,7 @@ classes only drive it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -54,7 +55,9 @@ __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
 _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
-# Whether this libpq has pipelines (a savepoint then travels with the statement).
+_EXECUTE = _attempt.EXECUTE
+# Whether this libpq has pipelines (a savepoint then travels with the statement;
+# without, it would cost round trips of its own: then only executemany() gets one).
 _PIPELINES = psycopg.Pipeline.is_supported()
 _IDLE = TransactionStatus.IDLE
 _RV = Any
@@ -89,20 +92,8 @@ class _Shell:
         info = self.info  # type: ignore[attr-defined]
         self._selfheal_planner = Planner(
             facts_for((info.host, info.port, info.dbname)), info.user,
-            lambda: pgconn.parameter_status(b"search_path"),
+            functools.partial(pgconn.parameter_status, b"search_path"),
             _attempt.shape,
-        )
-
-    def _selfheal_plan(self, query: Any) -> Mode:
-        """The mode of one ``execute()`` (the hot path: no I/O, dictionary lookups)."""
-        pgconn = self.pgconn  # type: ignore[attr-defined]
-        if pgconn.pipeline_status != _OFF:
-            return Mode.PASS  # the caller's pipeline: its errors come later
-        return self._selfheal_planner.plan(
-            pgconn.transaction_status, self._autocommit, query, self,  # type: ignore[attr-defined]
-            self.selfheal_options,
-            # Without pipelines a savepoint costs its own round trips.
-            _PIPELINES,
         )
 
     def _selfheal_plan_many(self, call: _attempt.Call) -> Mode:
@@ -125,7 +116,7 @@ class _Shell:
     def _selfheal_fast(self, mode: Mode) -> bool:
         """Whether the first attempt can run exactly as plain: nothing to add before it.
 
-        The mode is not PASS and ``_selfheal_plan`` found no pipeline.
+        The mode is not PASS, so the connection is in no pipeline.
         """
         return (mode is not _SAVEPOINT
                 and not self._notice_handlers  # type: ignore[attr-defined]
@@ -162,12 +153,11 @@ class _Shell:
         if self._selfheal_notices is not None:
             self._selfheal_notices.retrying()
 
-    def _selfheal_other(self, gen: Any) -> bool:
-        """Note what another generator means for the savepoints and the facts.
+    def _selfheal_other(self, code: Any) -> bool:
+        """Note what another generator (its `code`) means for the savepoints and the facts.
 
         True: it opens a transaction block, and the facts' check is due first.
         """
-        code = getattr(gen, "gi_code", None)
         if code is _attempt.TX_ENTER:
             status = self.pgconn.transaction_status  # type: ignore[attr-defined]
             self._selfheal_planner.transaction_block(status)
@@ -244,14 +234,15 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         """As `psycopg.Connection.wait`: where selfheal sees every statement run."""
         if self._selfheal_busy:
             return super().wait(gen, interval, timeout)
-        if self._selfheal_pending is not None and getattr(gen, "gi_code", None) is _attempt.EXIT:
-            return self._selfheal_sync_pending(gen)
         code = getattr(gen, "gi_code", None)
         call: _attempt.Call | None
-        if code is _attempt.EXECUTE:
+        if code is _EXECUTE:
             # The hot path: one execute().
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
-            mode = self._selfheal_plan(f["query"])
+            pgconn = self.pgconn
+            mode = _PASS if pgconn.pipeline_status != _OFF else self._selfheal_planner.plan(
+                pgconn.transaction_status, self._autocommit, f["query"], self,
+                self.selfheal_options, _PIPELINES)
             if mode is _PASS:
                 try:
                     return super().wait(gen, interval, timeout)
@@ -264,10 +255,12 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
             call = _attempt.execute_call(f)
+        elif code is _attempt.EXIT and self._selfheal_pending is not None:
+            return self._selfheal_sync_pending(gen)
         else:
-            call = _attempt.call_of(gen)
+            call = _attempt.call_of(gen, code)
             if call is None:
-                if self._selfheal_other(gen):
+                if self._selfheal_other(code):
                     self._selfheal_refresh()
                 mode = Mode.PASS
             else:
@@ -446,14 +439,15 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         """As `psycopg.AsyncConnection.wait`: where selfheal sees every statement run."""
         if self._selfheal_busy:
             return await super().wait(gen, interval, timeout)
-        if self._selfheal_pending is not None and getattr(gen, "gi_code", None) is _attempt.EXIT:
-            return await self._selfheal_sync_pending(gen)
         code = getattr(gen, "gi_code", None)
         call: _attempt.Call | None
-        if code is _attempt.EXECUTE:
+        if code is _EXECUTE:
             # The hot path: one execute().
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
-            mode = self._selfheal_plan(f["query"])
+            pgconn = self.pgconn
+            mode = _PASS if pgconn.pipeline_status != _OFF else self._selfheal_planner.plan(
+                pgconn.transaction_status, self._autocommit, f["query"], self,
+                self.selfheal_options, _PIPELINES)
             if mode is _PASS:
                 try:
                     return await super().wait(gen, interval, timeout)
@@ -466,10 +460,12 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
             call = _attempt.execute_call(f)
+        elif code is _attempt.EXIT and self._selfheal_pending is not None:
+            return await self._selfheal_sync_pending(gen)
         else:
-            call = _attempt.call_of(gen)
+            call = _attempt.call_of(gen, code)
             if call is None:
-                if self._selfheal_other(gen):
+                if self._selfheal_other(code):
                     await self._selfheal_refresh()
                 mode = Mode.PASS
             else:
