@@ -111,8 +111,8 @@ class Facts:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # relname -> (when read, the relations of that name in any schema)
-        self._catalog: dict[str, tuple[float, tuple[Relation, ...]]] = {}
+        #: relname -> (when read, the relations of that name in any schema)
+        self.catalog: dict[str, tuple[float, tuple[Relation, ...]]] = {}
         # (name parts, search_path, user) -> (when the catalog was read, relation)
         self._resolved: dict[tuple[Any, ...], tuple[float, Relation | None]] = {}
         #: Tables verified in sync -> until when (time.monotonic()).
@@ -129,11 +129,6 @@ class Facts:
         #: Changes whenever what the catalog says may have changed.
         self.epoch = 0
 
-    @property
-    def known(self) -> bool:
-        """Whether anything is known: then writes and DDL seen must update it."""
-        return bool(self.verified or self._catalog)
-
     # -- the hot path: dictionary lookups -----------------------------------------
 
     def target(self, name: tuple[str, ...], search_path: str | bytes | None, user: str,
@@ -146,7 +141,7 @@ class Facts:
         found = self._resolved.get((name, search_path, user))
         if found is not None and found[0] > now - CATALOG_PERIOD:
             return found[1]
-        entry = self._catalog.get(name[-1])
+        entry = self.catalog.get(name[-1])
         if entry is None or entry[0] <= now - CATALOG_PERIOD:
             self._want_name(name[-1])
             return None
@@ -200,7 +195,7 @@ class Facts:
     def schema_changed(self) -> None:
         """DDL was seen: forget what the catalog said, and every verified table."""
         with self._lock:
-            self._catalog.clear()
+            self.catalog.clear()
             self._resolved.clear()
             self.verified.clear()
             self.triggers = None
@@ -221,7 +216,7 @@ class Facts:
                 return
             self._refreshing, self.due = True, False
             # Names read long ago are read again with whatever was asked for.
-            stale = [name for name, (at, _) in self._catalog.items()
+            stale = [name for name, (at, _) in self.catalog.items()
                      if at <= now - CATALOG_PERIOD][:CHECK_LIMIT]
             names = sorted(self._wanted_names.union(stale))
             tables = list(self._wanted_tables.values())
@@ -264,7 +259,7 @@ class Facts:
         done = {(info.schema, info.table) for info in checked}
         found: list[TableInfo] = []
         for name in names:
-            for rel in self._catalog.get(name, (0.0, ()))[1]:
+            for rel in self.catalog.get(name, (0.0, ()))[1]:
                 info = rel.info
                 if info is not None and rel.readable and not rel.guarded and (
                         info.schema, info.table) not in done:
@@ -299,10 +294,10 @@ class Facts:
             info, readable = infos.get((schema, table), (None, False))
             found.setdefault(table, []).append(Relation(
                 schema, table, info, guarded=bool(guarded), temp=bool(temp), readable=readable))
-        if len(self._catalog) + len(found) > LIMIT:
-            self._catalog.clear()
+        if len(self.catalog) + len(found) > LIMIT:
+            self.catalog.clear()
         for name, rels in found.items():
-            self._catalog[name] = (now, tuple(rels))
+            self.catalog[name] = (now, tuple(rels))
         self.epoch += 1
 
     def _failed(self, names: list[str], tables: list[TableInfo]) -> None:
@@ -310,7 +305,7 @@ class Facts:
         until = time.monotonic() + RETRY_PERIOD
         with self._lock:
             for name in names:
-                self._catalog[name] = (until - CATALOG_PERIOD, ())
+                self.catalog[name] = (until - CATALOG_PERIOD, ())
             self.epoch += 1
             for info in tables:
                 self._risky[(info.schema, info.table)] = until

@@ -82,6 +82,7 @@ class Verdict:
 # Enum members as module constants: the hot path compares them by identity.
 _PASS, _AUTOCOMMIT, _OPENED = Mode.PASS, Mode.AUTOCOMMIT, Mode.OPENED
 _QUIET, _DEFAULT_KEY, _TRIGGERED = Kind.QUIET, Kind.DEFAULT_KEY, Kind.TRIGGERED
+_EXPLICIT, _SCHEMA = Kind.EXPLICIT, Kind.SCHEMA
 
 
 class Planner:
@@ -128,8 +129,14 @@ class Planner:
             return self._in_transaction(v, options, pipeline)
         if status == _IDLE:
             self.savepoints = 0
-            if self.facts.known:
-                self._watch(self._verdict(query, conn))
+            facts = self.facts
+            if facts.verified or facts.catalog:
+                # Explicit keys and DDL seen here still count.
+                v = self._verdicts.get(query) if type(query) is str else None
+                if v is None or v.epoch != facts.epoch:
+                    v = self._verdict(query, conn)
+                if v.kind is _EXPLICIT or v.kind is _SCHEMA:
+                    self._watch(v)
             return _AUTOCOMMIT if autocommit else _OPENED
         return _PASS
 

@@ -113,15 +113,6 @@ class _Shell:
             pipeline=True,  # a savepoint around a whole executemany() is worth its trips
         )
 
-    def _selfheal_fast(self, mode: Mode) -> bool:
-        """Whether the first attempt can run exactly as plain: nothing to add before it.
-
-        The mode is not PASS, so the connection is in no pipeline.
-        """
-        return (mode is not _SAVEPOINT
-                and not self._notice_handlers  # type: ignore[attr-defined]
-                and not self._selfheal_planner.facts.due)
-
     def _selfheal_first(self, call: _attempt.Call, gen: PQGen[None], mode: Mode) -> PQGen[Any]:
         savepoint = mode is Mode.SAVEPOINT
         if call.pipelined:
@@ -249,7 +240,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 except pgerrors.UniqueViolation as ex:
                     self._selfheal_heal_only(ex)
                     raise
-            if self._selfheal_fast(mode):
+            if (mode is not _SAVEPOINT and not self._notice_handlers
+                    and not self._selfheal_planner.facts.due):
+                # Nothing to add before the first attempt: run it as plain.
                 try:
                     return super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
@@ -454,7 +447,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 except pgerrors.UniqueViolation as ex:
                     await self._selfheal_heal_only(ex)
                     raise
-            if self._selfheal_fast(mode):
+            if (mode is not _SAVEPOINT and not self._notice_handlers
+                    and not self._selfheal_planner.facts.due):
+                # Nothing to add before the first attempt: run it as plain.
                 try:
                     return await super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
