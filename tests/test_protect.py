@@ -7,9 +7,10 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors as pgerrors
+from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from selfheal import AsyncHealingConnection, HealingConnection, HealOptions, insync
+from selfheal import AsyncHealingConnection, HealingConnection, HealOptions, insync, protect
 
 from .conftest import seq_next
 
@@ -293,6 +294,43 @@ class TestBounded:
         assert max(sizes) <= 8
         assert sizes[0] > 0 and sizes[2] > 0  # it did learn, within the bound
         assert conn.execute("SELECT count(*) FROM t0").fetchone() == (6,)
+
+
+    def test_verdicts_stay_bounded(self, conn: psycopg.Connection, dsn: str, table: None,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        """One verdict per statement string, at most VERDICTS of them per connection."""
+        monkeypatch.setattr(protect, "VERDICTS", 16)
+        with Steady.connect(dsn) as hc:
+            for i in range(100):
+                hc.execute(f"INSERT INTO t (note) VALUES ('{i}')")
+                assert len(hc._selfheal_planner._verdicts) <= 16
+            hc.commit()
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (100,)
+
+
+class TestSchemas:
+    def test_same_name_in_two_schemas(self, conn: psycopg.Connection, dsn: str) -> None:
+        """A table verified in one tenant's schema says nothing of the other's."""
+        for schema in ("tenant_a", "Tenant B"):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("CREATE TABLE {}.t (id serial PRIMARY KEY, note text)").format(
+                sql.Identifier(schema)))
+        # Tenant B's table is behind its sequence; tenant A's is in sync.
+        conn.execute('INSERT INTO "Tenant B".t (id, note) SELECT g, \'explicit\''
+                     " FROM generate_series(1, 5) g")
+        with Steady.connect(dsn) as hc:
+            hc.execute("SET search_path = tenant_a")
+            hc.commit()
+            verified(hc)
+            hc.execute(sql.SQL("SET search_path = {}").format(sql.Identifier("Tenant B")))
+            hc.commit()
+            hc.execute("SELECT 1")
+            # "t" is B's here: not verified, so protected, healed and retried.
+            (new_id,), = hc.execute("INSERT INTO t (note) VALUES ('b') RETURNING id")
+            assert new_id == 6
+            hc.commit()
+        assert conn.execute('SELECT count(*) FROM "Tenant B".t').fetchone() == (6,)
+        assert conn.execute("SELECT count(*) FROM tenant_a.t").fetchone() == (4,)
 
 
 class TestOptions:
