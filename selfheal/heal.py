@@ -1,10 +1,10 @@
 """
-The healing decision: how to protect a statement, and what to do when it collides.
+The healing decision: what to do when a statement collides.
 
-Nothing here touches a connection. `choose_mode` picks a protection from the
-transaction state a statement starts in; `heal_flow` is the I/O-free operation
-that runs after a collision (restore, look up, heal, retry once) and that every
-driver shell serves with its own API. The rule it keeps: whenever it does not
+Nothing here touches a connection. `Mode` names how a statement was protected
+(`selfheal.protect` picks it); `heal_flow` is the I/O-free operation that runs
+after a collision (restore, look up, heal, retry once) and that every driver
+shell serves with its own API. The rule it keeps: whenever it does not
 end in a successful retry, the caller is left exactly where the plain driver
 leaves it, with the original exception, and an aborted transaction still
 aborted.
