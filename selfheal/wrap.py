@@ -235,19 +235,16 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 pgconn.transaction_status, self._autocommit, f["query"], self,
                 self.selfheal_options, _PIPELINES)
             if mode is _PASS:
-                try:
-                    return super().wait(gen, interval, timeout)
-                except pgerrors.UniqueViolation as ex:
-                    self._selfheal_heal_only(ex)
-                    raise
-            if (mode is not _SAVEPOINT and not self._notice_handlers
+                call = None
+            elif (mode is not _SAVEPOINT and not self._notice_handlers
                     and not self._selfheal_planner.facts.due):
                 # Nothing to add before the first attempt: run it as plain.
                 try:
                     return super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
-            call = _attempt.execute_call(f)
+            else:
+                call = _attempt.execute_call(f)
         elif code is _attempt.EXIT and self._selfheal_pending is not None:
             return self._selfheal_sync_pending(gen)
         else:
@@ -442,19 +439,16 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 pgconn.transaction_status, self._autocommit, f["query"], self,
                 self.selfheal_options, _PIPELINES)
             if mode is _PASS:
-                try:
-                    return await super().wait(gen, interval, timeout)
-                except pgerrors.UniqueViolation as ex:
-                    await self._selfheal_heal_only(ex)
-                    raise
-            if (mode is not _SAVEPOINT and not self._notice_handlers
+                call = None
+            elif (mode is not _SAVEPOINT and not self._notice_handlers
                     and not self._selfheal_planner.facts.due):
                 # Nothing to add before the first attempt: run it as plain.
                 try:
                     return await super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
-            call = _attempt.execute_call(f)
+            else:
+                call = _attempt.execute_call(f)
         elif code is _attempt.EXIT and self._selfheal_pending is not None:
             return await self._selfheal_sync_pending(gen)
         else:
