@@ -113,8 +113,6 @@ class Facts:
         self._lock = threading.Lock()
         #: relname -> (when read, the relations of that name in any schema)
         self.catalog: dict[str, tuple[float, tuple[Relation, ...]]] = {}
-        # (name parts, search_path, user) -> (when the catalog was read, relation)
-        self._resolved: dict[tuple[Any, ...], tuple[float, Relation | None]] = {}
         #: Tables verified in sync -> until when (time.monotonic()).
         self.verified: dict[Key, float] = {}
         self._risky: dict[Key, float] = {}
@@ -137,26 +135,18 @@ class Facts:
 
         An unqualified name is resolved through `search_path` (None when the
         server does not report it: then only a name that one schema has).
+        Called once per statement string and catalog epoch (the connections'
+        verdicts keep the answer).
         """
-        found = self._resolved.get((name, search_path, user))
-        if found is not None and found[0] > now - CATALOG_PERIOD:
-            return found[1]
         entry = self.catalog.get(name[-1])
         if entry is None or entry[0] <= now - CATALOG_PERIOD:
             self._want_name(name[-1])
             return None
-        rel = _resolve(name, entry[1], search_path, user)
-        with self._lock:
-            if len(self._resolved) >= LIMIT:
-                self._resolved.clear()
-            self._resolved[(name, search_path, user)] = (entry[0], rel)
-        return rel
+        return _resolve(name, entry[1], search_path, user)
 
     def in_sync(self, rel: Relation, now: float) -> bool:
         """Whether `rel` is verified in sync now; if not, ask for a check."""
-        info = rel.info
-        assert info is not None
-        key = (info.schema, info.table)
+        key = rel.key
         until = self.verified.get(key)
         if until is not None and until > now:
             return True
@@ -196,7 +186,6 @@ class Facts:
         """DDL was seen: forget what the catalog said, and every verified table."""
         with self._lock:
             self.catalog.clear()
-            self._resolved.clear()
             self.verified.clear()
             self.triggers = None
             self.epoch += 1
