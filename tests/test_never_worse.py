@@ -265,20 +265,25 @@ class TestAbortedStaysAborted:
             "sequence_resync_failed"]
 
 
+def committing_procedure(conn: psycopg.Connection) -> None:
+    """``batch()``: writes a ledger row, COMMITs, then collides on a lagging key."""
+    conn.execute("CREATE TABLE ledger (id serial PRIMARY KEY, note text)")
+    conn.execute("CREATE TABLE payments (id serial PRIMARY KEY, note text)")
+    conn.execute("INSERT INTO payments (id) SELECT generate_series(1, 5)")
+    conn.execute("""
+        CREATE PROCEDURE batch() LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO ledger (note) VALUES ('committed once');
+            COMMIT;
+            INSERT INTO payments (note) VALUES ('collides');
+        END $$""")
+
+
 class TestCommittedWorkNotRepeated:
     def test_call_that_commits_then_collides(self, conn: psycopg.Connection,
                                              dsn: str) -> None:
         """CALL of a procedure that COMMITs, then collides: healed, re-raised, not re-run."""
-        conn.execute("CREATE TABLE ledger (id serial PRIMARY KEY, note text)")
-        conn.execute("CREATE TABLE payments (id serial PRIMARY KEY, note text)")
-        conn.execute("INSERT INTO payments (id) SELECT generate_series(1, 5)")
-        conn.execute("""
-            CREATE PROCEDURE batch() LANGUAGE plpgsql AS $$
-            BEGIN
-                INSERT INTO ledger (note) VALUES ('committed once');
-                COMMIT;
-                INSERT INTO payments (note) VALUES ('collides');
-            END $$""")
+        committing_procedure(conn)
         with HealingConnection.connect(dsn, autocommit=True) as hc:
             with capture_logs() as logs, pytest.raises(pgerrors.UniqueViolation):
                 hc.execute("CALL batch()")
@@ -562,16 +567,7 @@ class TestAsync:
 
     async def test_call_that_commits(self, conn: psycopg.Connection, dsn: str) -> None:
         """The async twin does not re-run a CALL that committed before colliding."""
-        conn.execute("CREATE TABLE ledger (id serial PRIMARY KEY, note text)")
-        conn.execute("CREATE TABLE payments (id serial PRIMARY KEY, note text)")
-        conn.execute("INSERT INTO payments (id) SELECT generate_series(1, 5)")
-        conn.execute("""
-            CREATE PROCEDURE batch() LANGUAGE plpgsql AS $$
-            BEGIN
-                INSERT INTO ledger (note) VALUES ('once');
-                COMMIT;
-                INSERT INTO payments (note) VALUES ('collides');
-            END $$""")
+        committing_procedure(conn)
         async with await AsyncHealingConnection.connect(dsn, autocommit=True) as ac:
             with pytest.raises(pgerrors.UniqueViolation):
                 await ac.execute("CALL batch()")
