@@ -25,6 +25,7 @@ from psycopg._cursor_base import BaseCursor
 from psycopg._pipeline_base import BasePipeline
 from psycopg.abc import PQGen
 from psycopg.errors import Diagnostic, _info_to_dict
+from psycopg.generators import send
 from psycopg.transaction import BaseTransaction
 
 from ._sqltext import Shape, shape_of
@@ -174,31 +175,62 @@ def execute_call(f: dict[str, Any]) -> Call:
                 prepare=f["prepare"], binary=f["binary"])
 
 
-def savepointed(conn: Any, pipeline: Any, gen: PQGen[None]) -> PQGen[None]:
-    """Run `gen` under ``SAVEPOINT _selfheal`` in one round trip (a pipeline).
+class _Batch(BasePipeline):
+    """A pipeline that only queues, for one statement under a savepoint.
 
-    `pipeline` is a new psycopg pipeline object for `conn`, which is not in
-    pipeline mode. The savepoint commands are sent unnamed and unprepared, so
-    they never enter the caller's prepared-statement cache. Every result is
-    collected before this returns, so an error leaves no aborted pipeline
-    behind (psycopg would log about it) and the connection is out of
-    pipeline mode.
+    psycopg's own pipeline sends each command as it is queued, a write and a
+    poll apiece. Here every command of the batch goes into libpq's output
+    buffer; `savepointed` sends the whole batch with one flush and reads its
+    results in one go. The results are processed by psycopg's own pipeline
+    code, so the cursor ends up exactly as in a psycopg pipeline.
+    """
+
+    def _communicate_gen(self) -> PQGen[None]:
+        self.queue_all()
+        return
+        yield  # a generator that never waits
+
+    def queue_all(self) -> None:
+        """Put every queued command into libpq's output buffer."""
+        commands = self.command_queue
+        while commands:
+            commands.popleft()()
+
+
+def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
+    """Run `gen` under ``SAVEPOINT _selfheal`` in one round trip.
+
+    `conn` is not in pipeline mode. SAVEPOINT, the statement and RELEASE go
+    out as one pipeline with one Sync. The savepoint commands are sent
+    unnamed and unprepared, so they never enter the caller's
+    prepared-statement cache. RELEASE is sent even when `gen` failed before
+    sending anything (a bad parameter, say), so no savepoint of selfheal's is
+    left behind. Every result is read before this returns, so an error
+    leaves no aborted pipeline behind and the connection is out of pipeline
+    mode.
     """
     first: psycopg.Error | None = None
-    conn._pipeline = pipeline
+    pgconn = conn.pgconn
+    batch = _Batch(conn)
+    pgconn.enter_pipeline_mode()
+    batch.level = 1
+    conn._pipeline = batch
     try:
-        yield from pipeline._enter_gen()
         try:
+            yield from conn._exec_command(_SAVEPOINT)
             try:
-                yield from conn._exec_command(_SAVEPOINT)
                 yield from gen
-                yield from conn._exec_command(_RELEASE)
             except psycopg.Error as ex:
                 first = ex
-            err = yield from collect(pipeline)
-            first = first or err
+            yield from conn._exec_command(_RELEASE)
+            batch._enqueue_sync()
+            batch.queue_all()
+            yield from send(pgconn)
+            yield from batch._fetch_gen(flush=False)
+        except psycopg.Error as ex:
+            first = first or ex
         finally:
-            pipeline._exit(first)
+            batch._exit(first)
     finally:
         conn._pipeline = None
     if first is not None:

@@ -73,8 +73,6 @@ class _Shell:
     _selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None
     _selfheal_notices: _attempt.HeldNotices | None
     _selfheal_planner: Planner
-    #: psycopg's pipeline class for this connection class (sync or async).
-    _selfheal_pipeline_class: Any
 
     def _selfheal_init(self) -> None:
         self._selfheal_not_healable = NotHealable()
@@ -120,8 +118,7 @@ class _Shell:
         if savepoint and call.many:
             return _attempt.savepointed_plain(self, gen)
         if savepoint:
-            pipeline = self._selfheal_pipeline_class(self, _no_lock=True)
-            return _attempt.savepointed(self, pipeline, gen)
+            return _attempt.savepointed(self, gen)
         return gen
 
     def _selfheal_again(self, call: _attempt.Call) -> PQGen[None]:
@@ -197,7 +194,6 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
 
     #: How connections of this class heal; see `HealOptions`.
     selfheal_options: HealOptions = HealOptions()
-    _selfheal_pipeline_class = psycopg.Pipeline
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -402,7 +398,6 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
     """The async twin of `HealingConnection`, for asyncio and `AsyncConnectionPool`."""
 
     selfheal_options: HealOptions = HealOptions()
-    _selfheal_pipeline_class = psycopg.AsyncPipeline
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
