@@ -24,9 +24,11 @@ import psycopg
 from psycopg._cursor_base import BaseCursor
 from psycopg._pipeline_base import BasePipeline
 from psycopg.abc import PQGen
-from psycopg.errors import Diagnostic, _info_to_dict
+from psycopg.errors import Diagnostic, _info_to_dict, error_from_result
 from psycopg.generators import send
+from psycopg.pq import ExecStatus
 from psycopg.transaction import BaseTransaction
+from psycopg.waiting import Wait
 
 from ._sqltext import Shape, shape_of
 
@@ -66,6 +68,9 @@ _CURSOR_STATE = ("_results", "pgresult", "_pos", "_iresult", "_rowcount", "_stat
 
 _SAVEPOINT = b"SAVEPOINT _selfheal"
 _RELEASE = b"RELEASE SAVEPOINT _selfheal"
+_FATAL_ERROR = ExecStatus.FATAL_ERROR
+_PIPELINE_SYNC = ExecStatus.PIPELINE_SYNC
+_WAIT_R = Wait.R
 
 
 @dataclass
@@ -201,13 +206,14 @@ def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
     """Run `gen` under ``SAVEPOINT _selfheal`` in one round trip.
 
     `conn` is not in pipeline mode. SAVEPOINT, the statement and RELEASE go
-    out as one pipeline with one Sync. The savepoint commands are sent
-    unnamed and unprepared, so they never enter the caller's
-    prepared-statement cache. RELEASE is sent even when `gen` failed before
-    sending anything (a bad parameter, say), so no savepoint of selfheal's is
-    left behind. Every result is read before this returns, so an error
-    leaves no aborted pipeline behind and the connection is out of pipeline
-    mode.
+    out as one pipeline with one Sync, in one write. The savepoint commands
+    are sent unnamed and unprepared, so they never enter the caller's
+    prepared-statement cache, and their results are read here: only the
+    statement's own go through psycopg's processing. RELEASE is sent even
+    when `gen` failed before sending anything (a bad parameter, say), so no
+    savepoint of selfheal's is left behind. Every result is read before this
+    returns, so an error leaves no aborted pipeline behind and the connection
+    is out of pipeline mode.
     """
     first: psycopg.Error | None = None
     pgconn = conn.pgconn
@@ -217,16 +223,29 @@ def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
     conn._pipeline = batch
     try:
         try:
-            yield from conn._exec_command(_SAVEPOINT)
+            pgconn.send_query_params(_SAVEPOINT, None)
             try:
                 yield from gen
             except psycopg.Error as ex:
                 first = ex
-            yield from conn._exec_command(_RELEASE)
-            batch._enqueue_sync()
             batch.queue_all()
+            pgconn.send_query_params(_RELEASE, None)
+            pgconn.pipeline_sync()
             yield from send(pgconn)
-            yield from batch._fetch_gen(flush=False)
+            # One result set per command: SAVEPOINT, the statement's, RELEASE.
+            sets, lost = yield from _results_to_sync(pgconn)
+            if sets and sets[0][0].status == _FATAL_ERROR:
+                first = first or error_from_result(sets[0][0], encoding=pgconn._encoding)
+            queue = batch.result_queue
+            for results in sets[1:]:
+                if not queue:
+                    break  # RELEASE's
+                try:
+                    batch._process_results(queue.popleft(), results)
+                except psycopg.Error as ex:
+                    first = first or ex
+            # A connection lost midway: its last word (say AdminShutdown) comes first.
+            first = first or lost
         except psycopg.Error as ex:
             first = first or ex
         finally:
@@ -235,6 +254,40 @@ def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
         conn._pipeline = None
     if first is not None:
         raise first
+
+
+def _results_to_sync(pgconn: Any) -> PQGen[tuple[list[list[Any]], psycopg.Error | None]]:
+    """Each command's results, up to the pipeline's Sync, read as they arrive.
+
+    What psycopg's ``fetch_many`` does command by command, in one loop for
+    the whole batch. Notifications are left in libpq's queue for psycopg's
+    next read (the server sends none inside a transaction anyway). If the
+    connection fails first: the result sets read until then, and the error.
+    """
+    sets: list[list[Any]] = []
+    results: list[Any] = []
+    while True:
+        if pgconn.is_busy():
+            while not (yield _WAIT_R):
+                continue
+            try:
+                pgconn.consume_input()
+            except psycopg.OperationalError as ex:
+                if results:
+                    sets.append(results)
+                return sets, ex
+            continue
+        result = pgconn.get_result()
+        if result is None:
+            if not results:  # every command has a result: the connection failed
+                return sets, psycopg.OperationalError(
+                    pgconn.get_error_message() or "the connection was lost")
+            sets.append(results)
+            results = []
+        elif result.status == _PIPELINE_SYNC:
+            return sets, None
+        else:
+            results.append(result)
 
 
 def queued(conn: Any, gen: PQGen[None], savepoint: bool) -> PQGen[psycopg.Error | None]:
@@ -323,4 +376,5 @@ def _text(query: Any, conn: Any) -> str:
         except Exception:  # psycopg itself will say what is wrong with it
             return ""
     return ""
+
 

@@ -104,6 +104,28 @@ class TestKilledBackends:
             11, 11)
 
 
+    def test_killed_in_a_protected_statement(self, conn: psycopg.Connection, dsn: str) -> None:
+        """The connection dies while a statement runs under selfheal's savepoint:
+        the same error class and connection state as plain psycopg, and no hang."""
+        conn.execute("CREATE TABLE lost (id serial PRIMARY KEY, v int)")
+        seen = []
+        for cls in (psycopg.Connection, HealingConnection.with_options(protect="always")):
+            c = cls.connect(dsn, application_name="killed")
+            c.execute("SELECT 1")  # in a transaction: the insert runs under a savepoint
+            t = threading.Thread(target=lambda: conn.execute(
+                "SELECT pg_terminate_backend(%s)",
+                (wait_for(conn, "SELECT pid FROM pg_stat_activity WHERE application_name ="
+                                " 'killed' AND wait_event = 'PgSleep'"),)))
+            t.start()
+            with pytest.raises(psycopg.OperationalError) as info:
+                c.execute("INSERT INTO lost (v) SELECT 1 FROM pg_sleep(30)")
+            t.join(20)
+            seen.append((type(info.value), c.closed, c.broken, c.info.status))
+            c.close()
+        assert seen[0] == seen[1]
+        assert seen[0][0] is pgerrors.AdminShutdown
+        assert conn.execute("SELECT count(*) FROM lost").fetchone() == (0,)
+
 class TestTimeouts:
     def test_statement_timeout_while_healing(self, conn: psycopg.Connection, dsn: str) -> None:
         """A heal cut short by statement_timeout re-raises the original error, quickly."""
