@@ -6,7 +6,7 @@ What HealingConnection costs inside transactions, shape by shape, against plain 
 Without --dsn it starts an embedded PostgreSQL. Each round runs every shape
 N times on a plain and on a healing connection, interleaved transaction by
 transaction on the same server; the ratio is healing/plain of the median
-round. Also printed:
+round, by wall time and by CPU time (client and server process). Also printed:
 the transaction ids each shape takes per transaction (one for the
 transaction, one per savepoint that wrote), and the latency of an insert
 that collides and is healed and retried, against a plain insert.
@@ -111,24 +111,80 @@ def next_xid(conn: Conn) -> int:
     return int(str(xmax))
 
 
+def backend_cpu(conn: Conn) -> float | None:
+    """Seconds of CPU the connection's server process has used, when the server
+    runs on this machine (Linux), else None."""
+    try:
+        with open(f"/proc/{conn.info.backend_pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except OSError:
+        return None
+
+
 def round_of(name: str, plain: Conn, healing: Conn, txns: int, seed: int
-             ) -> tuple[float, float]:
+             ) -> tuple[list[float], list[float]]:
     """Seconds `txns` transactions of `name` take on each connection, interleaved
-    transaction by transaction (so the machine's drifts hit both alike)."""
+    transaction by transaction (so the machine's drifts hit both alike): for
+    each side, [wall time, client CPU + server CPU] (CPU is 0 when the server's
+    is not readable)."""
     run, _ = SHAPES[name]
     if name == "drifted":
         mark_drifted(plain)
         mark_drifted(healing)
     rngs = random.Random(seed), random.Random(seed)
-    spent = [0.0, 0.0]
-    clock = time.perf_counter
+    spent = [[0.0, 0.0], [0.0, 0.0]]
+    clock, cpu = time.perf_counter, time.thread_time
     for i in range(txns):
         for side in ((0, 1) if i % 2 else (1, 0)):
             conn = healing if side else plain
-            started = clock()
+            server = backend_cpu(conn)
+            started, used = clock(), cpu()
             run(conn, rngs[side])
-            spent[side] += clock() - started
+            ended, used = clock(), cpu() - used
+            after = backend_cpu(conn)
+            spent[side][0] += ended - started
+            if server is not None and after is not None:
+                spent[side][1] += used + after - server
     return spent[0], spent[1]
+
+
+def libpq_floor(dsn: str, rounds: int, txns: int) -> tuple[float, float]:
+    """Median seconds of a 20-insert transaction sent straight through libpq, each
+    insert alone and each under SAVEPOINT/RELEASE in one pipeline: what a
+    savepoint costs the server and the protocol, without any Python around it."""
+    from psycopg import pq
+
+    insert, savepoint, release = (b"INSERT INTO items (v) VALUES ($1)",
+                                  b"SAVEPOINT s", b"RELEASE SAVEPOINT s")
+
+    def run(pg: Any, protected: bool) -> None:
+        pg.exec_(b"BEGIN")
+        for i in range(20):
+            if protected:
+                pg.enter_pipeline_mode()
+                pg.send_query_params(savepoint, None)
+                pg.send_query_params(insert, [b"%d" % i])
+                pg.send_query_params(release, None)
+                pg.pipeline_sync()
+                while (r := pg.get_result()) is None or r.status != pq.ExecStatus.PIPELINE_SYNC:
+                    pass
+                pg.exit_pipeline_mode()
+            else:
+                pg.exec_params(insert, [b"%d" % i])
+        pg.exec_(b"COMMIT")
+
+    with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
+        rounds_of: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            spent = [0.0, 0.0]
+            for i in range(txns):
+                for side in ((0, 1) if i % 2 else (1, 0)):
+                    started = time.perf_counter()
+                    run((b if side else a).pgconn, bool(side))
+                    spent[side] += time.perf_counter() - started
+            rounds_of[0].append(spent[0] / txns)
+            rounds_of[1].append(spent[1] / txns)
+    return statistics.median(rounds_of[0]), statistics.median(rounds_of[1])
 
 
 def heal_latency(dsn: str, samples: int) -> tuple[float, float]:
@@ -175,7 +231,7 @@ def main() -> None:
                 for autocommit in (False, True):
                     conns[("healing" if healing else "plain", autocommit)] = cls.connect(
                         dsn, autocommit=autocommit)
-            times: dict[tuple[str, str], list[float]] = {}
+            times: dict[tuple[str, str], list[list[float]]] = {}
             xids: dict[tuple[str, str], float] = {}
             for r in range(args.rounds + 1):
                 for name, (_, autocommit) in SHAPES.items():
@@ -201,12 +257,24 @@ def main() -> None:
         print(f"{args.rounds} interleaved rounds of {args.txns} transactions per shape;"
               " median round")
         print(f"{'shape':<12} {'plain us/txn':>13} {'healing us/txn':>15} {'ratio':>6}"
-              f" {'xids/txn plain':>15} {'healing':>8}")
+              f" {'cpu ratio':>10} {'xids/txn plain':>15} {'healing':>8}")
         for name in SHAPES:
-            p = statistics.median(times[(name, "plain")]) / args.txns * 1e6
-            h = statistics.median(times[(name, "healing")]) / args.txns * 1e6
-            print(f"{name:<12} {p:>13.0f} {h:>15.0f} {h / p:>5.2f}x"
+            p, h = (statistics.median(r[0] for r in times[(name, side)]) / args.txns * 1e6
+                    for side in ("plain", "healing"))
+            pc, hc = (statistics.median(r[1] for r in times[(name, side)])
+                      for side in ("plain", "healing"))
+            cpu = f"{hc / pc:>9.2f}x" if pc else f"{'n/a':>10}"
+            print(f"{name:<12} {p:>13.0f} {h:>15.0f} {h / p:>5.2f}x {cpu}"
                   f" {xids[(name, 'plain')]:>15.2f} {xids[(name, 'healing')]:>8.2f}")
+        print("cpu ratio: the client's CPU time plus the server process's, healing/plain"
+              " (steadier than wall time on a shared machine)")
+        bare, saved = libpq_floor(dsn, args.rounds, args.txns // 4)
+        print(f"floor, straight through libpq: 20 inserts {bare * 1e6:.0f} us/txn, each under"
+              f" a pipelined SAVEPOINT/RELEASE {saved * 1e6:.0f} us/txn ({saved / bare:.2f}x)")
+        p, h = (statistics.median(r[0] for r in times[("drifted", side)]) / args.txns
+                for side in ("plain", "healing"))
+        print(f"a savepoint costs an insert: {(saved - bare) / 20 * 1e6:.0f} us straight through"
+              f" libpq, {(h - p) / 20 * 1e6:.0f} us through selfheal (drifted)")
         plain_ins, healed_ins = heal_latency(dsn, 50)
         print(f"insert in a transaction: {plain_ins * 1e6:.0f} us; healed and retried:"
               f" {healed_ins * 1e6:.0f} us ({healed_ins / plain_ins:.1f}x)")
