@@ -30,7 +30,7 @@ from psycopg.pq import ExecStatus
 from psycopg.transaction import BaseTransaction
 from psycopg.waiting import Wait
 
-from ._sqltext import Shape, shape_of
+from ._sqltext import shape
 
 __all__ = [
     "COPY",
@@ -345,36 +345,3 @@ def collect(pipeline: Any) -> PQGen[psycopg.Error | None]:
         if len(pipeline.result_queue) == left:
             break  # nothing more arrives
     return first
-
-
-#: Shapes of query strings seen in this process, bounded (cleared when full).
-_shapes: dict[str | bytes, Shape] = {}
-_SHAPES_LIMIT = 1024
-
-
-def shape(query: Any, conn: Any) -> Shape:
-    """What the text of `query` says about it; each distinct string read once."""
-    key = query if isinstance(query, (str, bytes)) else None
-    if key is not None and (found := _shapes.get(key)) is not None:
-        return found
-    found = shape_of(_text(query, conn))
-    if key is not None:
-        if len(_shapes) >= _SHAPES_LIMIT:
-            _shapes.clear()
-        _shapes[key] = found
-    return found
-
-
-def _text(query: Any, conn: Any) -> str:
-    if isinstance(query, str):
-        return query
-    if isinstance(query, bytes):
-        return query.decode("utf-8", "replace")
-    if isinstance(query, psycopg.sql.Composable):
-        try:
-            return query.as_string(conn)
-        except Exception:  # psycopg itself will say what is wrong with it
-            return ""
-    return ""
-
-

@@ -1,79 +1,41 @@
 """
-Drivers that run selfheal's I/O-free generators on a connection.
+psycopg's shell for selfheal's operations: serve their requests on a connection.
 
-Every database operation (resync, check, the healing flow) is written once as
-a generator that yields requests and receives their results. The sync and
-async drivers below are the only places that touch a connection, so the two
-twins cannot drift apart. A database error raised while serving a request is
-thrown back into the generator, which may clean up (yield more requests)
-before it re-raises.
+The operations (`selfheal._ops`) are I/O-free generators; the sync and async
+drivers below are the only places that touch a psycopg connection for them,
+so the two twins cannot drift apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import psycopg
-from psycopg import sql
-from psycopg.abc import Params
 from psycopg.rows import TupleRow, tuple_row
 
+from . import _ops
 from ._attempt import collect
+from ._ops import (
+    STATEMENT,
+    Batch,
+    Command,
+    FreshQuery,
+    Operation,
+    Query,
+    Request,
+    Statement,
+)
+
+__all__ = [
+    "STATEMENT", "Batch", "Command", "FreshQuery", "Operation", "Query", "Request",
+    "Statement", "arun", "arun_side", "conninfo_of", "run", "run_side",
+]
 
 Rows: TypeAlias = list[TupleRow]
 T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class Query:
-    """Run one statement on the connection; the result is its rows (or [])."""
-
-    query: sql.SQL | sql.Composed | str
-    params: Params | None = None
-
-
-@dataclass(frozen=True)
-class Command:
-    """Run one statement that returns no rows and takes no parameters (result: []).
-
-    Sent as psycopg sends its own BEGIN and COMMIT: no cursor, never prepared,
-    and unseen by the connection's prepared-statement cache, which a cursor
-    running a ROLLBACK (TO SAVEPOINT) would clear.
-    """
-
-    command: str
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Run several statements in one round trip (a pipeline); the result is a list of Rows."""
-
-    queries: Sequence[Query | Command]
-
-
-@dataclass(frozen=True)
-class FreshQuery:
-    """Run one statement on a new short-lived connection to the same database.
-
-    Used when the caller's transaction cannot see what the statement must see,
-    e.g. rows committed after a REPEATABLE READ snapshot was taken.
-    """
-
-    query: Query
-    settings: dict[str, str] = field(default_factory=dict)
-
-
-class Statement:
-    """Run the caller's own statement again; the result is what it returns."""
-
-
-#: The one `Statement` request.
-STATEMENT = Statement()
-
-Request: TypeAlias = Query | Command | Batch | FreshQuery | Statement
-Operation: TypeAlias = Generator[Request, Any, T]
+_ops.register(psycopg.Error)
 
 
 def conninfo_of(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
@@ -124,18 +86,10 @@ def run(
 
     `statement` serves `STATEMENT` requests: it re-runs the caller's statement.
     """
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            req = op.throw(error) if error is not None else op.send(value)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        error = None
-        try:
-            value = statement() if req is STATEMENT and statement else _serve(conn, req)
-        except psycopg.Error as ex:
-            error = ex
+    def serve(req: Request) -> Any:
+        return statement() if req is STATEMENT and statement else _serve(conn, req)
+
+    return _ops.drive(op, serve)
 
 
 def run_side(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
@@ -185,21 +139,12 @@ async def arun(
     statement: Callable[[], Awaitable[Any]] | None = None,
 ) -> T:
     """Drive `op` to completion on an async connection and return its value."""
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            req = op.throw(error) if error is not None else op.send(value)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        error = None
-        try:
-            if req is STATEMENT and statement:
-                value = await statement()
-            else:
-                value = await _aserve(aconn, req)
-        except psycopg.Error as ex:
-            error = ex
+    async def serve(req: Request) -> Any:
+        if req is STATEMENT and statement:
+            return await statement()
+        return await _aserve(aconn, req)
+
+    return await _ops.adrive(op, serve)
 
 
 async def arun_side(aconn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:

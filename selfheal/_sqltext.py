@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Shape", "shape_of"]
+__all__ = ["Shape", "shape", "shape_of"]
 
 #: Statements that can draw from a sequence, directly or through triggers/rules.
 DRAWING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "CALL", "DO", "EXECUTE"})
@@ -233,3 +234,40 @@ def _insert_target(
             # A sub-select or anything else: not a plain column list.
             return table, None, kind
     return table, None, ""
+
+
+#: Shapes of query strings seen in this process, bounded (cleared when full).
+_shapes: dict[str | bytes, Shape] = {}
+_SHAPES_LIMIT = 1024
+
+
+def shape(query: Any, conn: Any) -> Shape:
+    """What the text of a driver's `query` says about it; each distinct string read once.
+
+    `query` is a string, bytes, or a composed query object with
+    ``as_string(conn)`` (psycopg's and psycopg2's `sql` modules both have it).
+    """
+    key = query if isinstance(query, (str, bytes)) else None
+    if key is not None and (found := _shapes.get(key)) is not None:
+        return found
+    found = shape_of(_text(query, conn))
+    if key is not None:
+        if len(_shapes) >= _SHAPES_LIMIT:
+            _shapes.clear()
+        _shapes[key] = found
+    return found
+
+
+def _text(query: Any, conn: Any) -> str:
+    if isinstance(query, str):
+        return query
+    if isinstance(query, bytes):
+        return query.decode("utf-8", "replace")
+    as_string = getattr(query, "as_string", None)
+    if callable(as_string):
+        try:
+            text = as_string(conn)
+        except Exception:  # the driver itself will say what is wrong with it
+            return ""
+        return text if isinstance(text, str) else ""
+    return ""

@@ -12,10 +12,8 @@ error.
 
 from __future__ import annotations
 
-import psycopg
-from psycopg import errors as pgerrors
-
-from ._drive import Operation
+from . import _ops
+from ._ops import Operation
 from .discover import TableInfo, detect
 
 __all__ = ["ConstraintKey", "NotHealable", "constraint_of", "healable"]
@@ -44,10 +42,9 @@ class NotHealable:
 
 def constraint_of(ex: BaseException) -> ConstraintKey | None:
     """The constraint a unique violation names, or None for any other error."""
-    if not isinstance(ex, pgerrors.UniqueViolation):
+    if _ops.sqlstate_of(ex) != "23505":
         return None
-    diag = ex.diag
-    schema, table, constraint = diag.schema_name, diag.table_name, diag.constraint_name
+    schema, table, constraint = _ops.diag_of(ex)
     if not (schema and table and constraint):
         return None
     return (schema, table, constraint)
@@ -59,7 +56,7 @@ def healable(key: ConstraintKey, not_healable: NotHealable) -> Operation[TableIn
         return None
     try:
         info = yield from detect(*key)
-    except psycopg.Error:
+    except _ops.ERRORS:
         # The lookup itself failed (connection lost, statement timeout):
         # nothing to heal now, and nothing to remember.
         return None

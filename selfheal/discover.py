@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from . import errors
-from ._drive import Operation, Query
+from ._ops import Operation, Query
 
 __all__ = ["TableInfo", "describe", "detect", "list_tables", "named_query", "relations"]
 

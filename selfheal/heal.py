@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-import psycopg
-from psycopg import errors as pgerrors
 from psycopg.pq import TransactionStatus
 
-from . import _drive, report
-from ._drive import STATEMENT, Operation
+from . import _ops, report
+from ._ops import STATEMENT, Operation
 from ._sqltext import Shape
 from .detect import ConstraintKey, NotHealable, constraint_of, healable
 from .discover import TableInfo
@@ -81,9 +79,9 @@ class Mode(enum.Enum):
 
 # Undo the statement, keeping the caller's transaction (SAVEPOINT mode); one
 # round trip, and valid inside a pipeline too.
-_ROLLBACK_TO = _drive.Batch([_drive.Command("ROLLBACK TO SAVEPOINT _selfheal"),
-                             _drive.Command("RELEASE SAVEPOINT _selfheal")])
-_ROLLBACK = _drive.Command("ROLLBACK")
+_ROLLBACK_TO = _ops.Batch([_ops.Command("ROLLBACK TO SAVEPOINT _selfheal"),
+                           _ops.Command("RELEASE SAVEPOINT _selfheal")])
+_ROLLBACK = _ops.Command("ROLLBACK")
 
 #: A statement that fails on purpose: it puts a transaction that selfheal
 #: restored back into the aborted state the plain driver would have left. Its
@@ -105,14 +103,14 @@ def after_failure(mode: Mode, shape: Shape) -> Mode:
     return mode
 
 
-def worth_healing(ex: pgerrors.UniqueViolation, not_healable: NotHealable) -> bool:
+def worth_healing(ex: Exception, not_healable: NotHealable) -> bool:
     """Whether `ex` may be healable: cheap, no I/O."""
     key = constraint_of(ex)
     return key is not None and key not in not_healable
 
 
 def heal_flow(
-    ex: pgerrors.UniqueViolation,
+    ex: Exception,
     mode: Mode,
     shape: Shape,
     database: str,
@@ -138,7 +136,7 @@ def heal_flow(
     if restore:
         try:
             yield _ROLLBACK_TO if mode is Mode.SAVEPOINT else _ROLLBACK
-        except psycopg.Error:
+        except _ops.ERRORS:
             raise ex from None
     retried = False
     try:
@@ -155,7 +153,7 @@ def heal_flow(
         retried = True
         try:
             value = yield STATEMENT
-        except psycopg.Error as err:
+        except _ops.ERRORS as err:
             report.resynced(replace(heal, retry="failed"))
             if _connection_lost(err):
                 raise  # what the caller's pool must see to drop the connection
@@ -169,7 +167,7 @@ def heal_flow(
 
 
 def _heal(
-    ex: pgerrors.UniqueViolation,
+    ex: Exception,
     key: ConstraintKey,
     mode: Mode,
     database: str,
@@ -225,15 +223,15 @@ def _lookup_and_advance(
 
 def _abort() -> Operation[None]:
     try:
-        yield _drive.Query(ABORT)
-    except psycopg.Error:
+        yield _ops.Query(ABORT)
+    except _ops.ERRORS:
         return
 
 
-def _connection_lost(err: psycopg.Error) -> bool:
+def _connection_lost(err: BaseException) -> bool:
     # Client-side failures carry no SQLSTATE; 08 is connection exception,
     # 57P the server shutting the session down (not 57014, a cancel).
-    state = err.sqlstate
+    state = _ops.sqlstate_of(err)
     return state is None or state.startswith(("08", "57P"))
 
 

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
-from ._drive import Batch, Command, Operation, Query
+from . import _ops
+from ._ops import Batch, Command, Operation, Query
 from .discover import TableInfo, named_query, relations
 from .resync import status_of, status_query
 
@@ -235,8 +235,8 @@ class Facts:
                         self._learn([rows], [], more, False, verified_for, clock())
                     else:
                         yield _CLOSE
-            except psycopg.Error:
-                with contextlib.suppress(psycopg.Error):
+            except _ops.ERRORS:
+                with contextlib.suppress(*_ops.ERRORS):
                     yield _CLOSE
                 self._failed(names, tables)
                 return

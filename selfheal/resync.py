@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import errors as pgerrors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from . import errors
-from ._drive import Batch, Command, FreshQuery, Operation, Query, arun, run
+from . import _ops, errors
+from ._drive import arun, run
+from ._ops import Batch, Command, FreshQuery, Operation, Query
 from .discover import TableInfo, describe, list_tables
 
 __all__ = [
@@ -178,11 +178,12 @@ def scoped(status: TransactionStatus, body: Operation[T]) -> Operation[T]:
     the caller's transaction, settings and locks are left as they were.
     """
     opening, closing = _scope(status)
+    handled: tuple[type[Exception], ...] = (*_ops.ERRORS, errors.SelfhealError)
     try:
         for stmt in opening:
             yield Command(stmt)
         result = yield from body
-    except (psycopg.Error, errors.SelfhealError):
+    except handled:
         yield from _close(closing)
         raise
     yield from _close(closing)
@@ -267,7 +268,7 @@ def advance(
             yield _draw(info, info.cache)
         (last, called, _), = yield _seq_state(info)
         after = next_value(last, called, info.increment)
-    except psycopg.Error as ex:
+    except _ops.ERRORS as ex:
         raise _translate(ex, info) from ex
     return ResyncResult(
         schema=info.schema,
@@ -286,7 +287,7 @@ def _close(closing: list[str]) -> Operation[None]:
     for stmt in closing:
         try:
             yield Command(stmt)
-        except psycopg.Error:
+        except _ops.ERRORS:
             return
 
 
@@ -318,22 +319,22 @@ def _guarded_setval(info: TableInfo, target: int) -> Query:
     )
 
 
-def _translate(ex: psycopg.Error, info: TableInfo) -> errors.SelfhealError:
+def _translate(ex: Exception, info: TableInfo) -> errors.SelfhealError:
     where = f"{info.qualified_table} (sequence {info.sequence})"
-    state = ex.sqlstate
+    state = _ops.sqlstate_of(ex)
     detail = errors.first_line(ex)
-    if isinstance(ex, pgerrors.LockNotAvailable):
+    if state == "55P03":  # lock_not_available
         return errors.LockTimeout(f"lock wait timed out while resyncing {where}", sqlstate=state)
-    if isinstance(ex, pgerrors.InsufficientPrivilege):
+    if state == "42501":  # insufficient_privilege
         return errors.PermissionDenied(
             f"permission denied resyncing {where}: {detail}; selfheal needs SELECT on the"
             " key column, and SELECT and UPDATE on the sequence",
             sqlstate=state,
         )
-    if isinstance(ex, pgerrors.ReadOnlySqlTransaction):
+    if state == "25006":  # read_only_sql_transaction
         return errors.ReadOnly(f"cannot resync {where} on a read-only server or transaction",
                                sqlstate=state)
-    if isinstance(ex, pgerrors.SequenceGeneratorLimitExceeded):
+    if state == "2200H":  # sequence_generator_limit_exceeded
         return errors.SequenceExhausted(f"sequence {info.sequence} reached its limit: {detail}")
     return errors.ResyncError(f"resync of {where} failed: {detail}", sqlstate=state)
 
@@ -342,9 +343,9 @@ def _resync_named(table: str, schema: str | None, lock_timeout: float
                   ) -> Operation[ResyncResult]:
     try:
         info = yield from describe(table, schema)
-    except psycopg.Error as ex:
-        raise errors.ResyncError(f"cannot look up table {table!r}: {ex}", sqlstate=ex.sqlstate
-                                 ) from ex
+    except _ops.ERRORS as ex:
+        raise errors.ResyncError(f"cannot look up table {table!r}: {ex}",
+                                 sqlstate=_ops.sqlstate_of(ex)) from ex
     return (yield from advance(info, lock_timeout))
 
 
