@@ -1,7 +1,7 @@
 """
 What HealingConnection costs inside transactions, shape by shape, against plain psycopg.
 
-    python bench/bench_txn.py [--dsn DSN] [--rounds R] [--txns N]
+    python bench/bench_txn.py [--dsn DSN] [--rounds R] [--txns N] [--driver psycopg2]
 
 Without --dsn it starts an embedded PostgreSQL. Each round runs every shape
 N times on a plain and on a healing connection, interleaved transaction by
@@ -50,7 +50,43 @@ CREATE TABLE items (id serial PRIMARY KEY, v int);
 CREATE TABLE drifted (id serial PRIMARY KEY, v int);
 """
 
-Conn = psycopg.Connection[Any]
+Conn = Any  # a psycopg 3 connection, or `Psycopg2` around a psycopg2 one
+
+
+class Psycopg2:
+    """A psycopg2 connection with psycopg 3's ``execute()`` and ``info``, for the shapes."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.info = conn.info
+
+    def execute(self, query: str, params: Any = None) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(query, params)
+        return cur
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def connect(driver: str, dsn: str, healing: bool, autocommit: bool) -> Conn:
+    """A plain or healing connection of `driver` ("psycopg" or "psycopg2")."""
+    if driver == "psycopg2":
+        import psycopg2
+        import psycopg2.extensions
+
+        import selfheal.psycopg2
+
+        factory = (selfheal.psycopg2.HealingConnection if healing
+                   else psycopg2.extensions.connection)
+        conn = psycopg2.connect(dsn, connection_factory=factory)
+        conn.autocommit = autocommit
+        return Psycopg2(conn)
+    cls = HealingConnection if healing else psycopg.Connection
+    return cls.connect(dsn, autocommit=autocommit)
 
 
 def tpcb(conn: Conn, rng: random.Random) -> None:
@@ -213,6 +249,7 @@ def main() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--txns", type=int, default=200)
+    parser.add_argument("--driver", choices=("psycopg", "psycopg2"), default="psycopg")
     args = parser.parse_args()
     # Heal events are not what is measured here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -227,10 +264,9 @@ def main() -> None:
             admin.execute(SETUP)
             conns: dict[tuple[str, bool], Conn] = {}
             for healing in (False, True):
-                cls = HealingConnection if healing else psycopg.Connection
                 for autocommit in (False, True):
-                    conns[("healing" if healing else "plain", autocommit)] = cls.connect(
-                        dsn, autocommit=autocommit)
+                    conns[("healing" if healing else "plain", autocommit)] = connect(
+                        args.driver, dsn, healing, autocommit)
             times: dict[tuple[str, str], list[list[float]]] = {}
             xids: dict[tuple[str, str], float] = {}
             for r in range(args.rounds + 1):
@@ -254,8 +290,8 @@ def main() -> None:
                         xids[(name, side)] = (next_xid(admin) - before) / 20
             for conn in conns.values():
                 conn.close()
-        print(f"{args.rounds} interleaved rounds of {args.txns} transactions per shape;"
-              " median round")
+        print(f"{args.driver}: {args.rounds} interleaved rounds of {args.txns} transactions"
+              " per shape; median round")
         print(f"{'shape':<12} {'plain us/txn':>13} {'healing us/txn':>15} {'ratio':>6}"
               f" {'cpu ratio':>10} {'xids/txn plain':>15} {'healing':>8}")
         for name in SHAPES:
@@ -268,6 +304,8 @@ def main() -> None:
                   f" {xids[(name, 'plain')]:>15.2f} {xids[(name, 'healing')]:>8.2f}")
         print("cpu ratio: the client's CPU time plus the server process's, healing/plain"
               " (steadier than wall time on a shared machine)")
+        if args.driver != "psycopg":
+            return
         bare, saved = libpq_floor(dsn, args.rounds, args.txns // 4)
         print(f"floor, straight through libpq: 20 inserts {bare * 1e6:.0f} us/txn, each under"
               f" a pipelined SAVEPOINT/RELEASE {saved * 1e6:.0f} us/txn ({saved / bare:.2f}x)")

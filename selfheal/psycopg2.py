@@ -1,0 +1,335 @@
+"""
+psycopg2's shell: connections whose cursors heal a lagging sequence and retry once.
+
+    conn = psycopg2.connect(dsn, connection_factory=selfheal.psycopg2.HealingConnection)
+
+The decisions are the core's (`selfheal.protect` chooses how a statement is
+protected, `selfheal.heal.heal_flow` heals after a collision); this module
+only runs the caller's statements and serves the core's requests with
+psycopg2's API:
+
+- psycopg2 has no hook below its cursors, so `HealingConnection.cursor()`
+  hands out a subclass of the cursor class asked for (any ``cursor_factory``
+  that is a cursor class), made once per class, whose ``execute`` and
+  ``executemany`` go through the connection. Named (server-side) cursors run
+  as they are.
+- psycopg2 keeps its own idea of the transaction: it sends BEGIN itself before
+  the first statement when autocommit is off (or inside ``with conn:``), and a
+  COMMIT or ROLLBACK sent as SQL would put it out of step. So the core's
+  transaction commands are served through ``conn.commit()`` and
+  ``conn.rollback()`` there, and a scope's BEGIN becomes ``SET TRANSACTION``
+  in the transaction psycopg2 opens.
+- psycopg2 has no pipeline: a statement protected inside a transaction is
+  preceded by ``SAVEPOINT _selfheal`` sent on a private cursor (one round trip
+  more), and the savepoint is not released after a success (a RELEASE would
+  cost another): it ends with the transaction, and selfheal's bound of 64
+  savepoints a transaction counts it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeGuard
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions as ext
+
+from . import _ops
+from ._ops import STATEMENT, Batch, Command, FreshQuery, Operation, Query, Request, Statement
+from ._sqltext import shape
+from .detect import NotHealable
+from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
+from .insync import facts_for
+from .protect import Planner
+
+__all__ = ["HealingConnection", "HealOptions"]
+
+_ops.register(psycopg2.Error)
+
+_IDLE = ext.TRANSACTION_STATUS_IDLE
+_INERROR = ext.TRANSACTION_STATUS_INERROR
+_SAVEPOINT = "SAVEPOINT _selfheal"
+
+
+class _HealingCursor:
+    """What every healing cursor class adds to the caller's: execute() through the connection."""
+
+    connection: HealingConnection
+    name: str | None
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        conn = self.connection
+        if conn._selfheal_busy or self.name is not None:
+            return super().execute(query, vars)  # type: ignore[misc, no-any-return]
+        run = super().execute  # type: ignore[misc]
+        return conn._selfheal_run(lambda: run(query, vars), query, many=False)  # type: ignore[no-any-return]
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        conn = self.connection
+        if conn._selfheal_busy or self.name is not None:
+            return super().executemany(query, vars_list)  # type: ignore[misc, no-any-return]
+        rows = list(vars_list)  # a retry needs them again
+        run = super().executemany  # type: ignore[misc]
+        return conn._selfheal_run(lambda: run(query, rows), query, many=True)  # type: ignore[no-any-return]
+
+
+_classes: dict[type[Any], type[Any]] = {}
+_classes_lock = threading.Lock()
+
+
+def _healing_class(factory: type[Any]) -> type[Any]:
+    """The healing subclass of cursor class `factory`, made once."""
+    found = _classes.get(factory)
+    if found is None:
+        with _classes_lock:
+            found = _classes.get(factory)
+            if found is None:
+                found = type(factory.__name__, (_HealingCursor, factory),
+                             {"__module__": factory.__module__})
+                _classes[factory] = found
+    return found
+
+
+class HealingConnection(ext.connection):
+    """A psycopg2 connection that heals lagging sequences behind primary keys.
+
+    Use it as ``connection_factory=`` of `psycopg2.connect`, of the
+    `psycopg2.pool` classes, or in SQLAlchemy's and Django's connect
+    arguments. Options: `selfheal_options` on the instance, or a configured
+    subclass from `with_options()`.
+    """
+
+    #: How connections of this class heal; see `HealOptions`.
+    selfheal_options: HealOptions = HealOptions()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set while selfheal runs statements of its own or the caller's again.
+        self._selfheal_busy = False
+        # Inside `with conn:`, where psycopg2 opens transactions even in autocommit.
+        self._selfheal_entered = 0
+        self._selfheal_not_healable = NotHealable()
+        # How selfheal's own scope was opened: by psycopg2 ("psycopg2") or as SQL.
+        self._selfheal_scope: str | None = None
+        info = self.info
+        self._selfheal_planner = Planner(
+            facts_for((info.host, info.port, info.dbname)), info.user,
+            lambda: info.parameter_status("search_path"), shape)
+
+    @classmethod
+    def with_options(cls, **options: Any) -> type[HealingConnection]:
+        """A subclass with these `HealOptions`, e.g. for ``connection_factory=``."""
+        return type(cls.__name__, (cls,), {"selfheal_options": HealOptions(**options)})
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        """As psycopg2's; the cursor is a healing subclass of the class asked for."""
+        if len(args) >= 2:
+            factory = args[1]
+            if _subclassable(factory):
+                args = (args[0], _healing_class(factory), *args[2:])
+        else:
+            factory = (kwargs.get("cursor_factory") or getattr(self, "cursor_factory", None)
+                       or ext.cursor)
+            if _subclassable(factory):
+                kwargs["cursor_factory"] = _healing_class(factory)
+        return super().cursor(*args, **kwargs)
+
+    def __enter__(self) -> Any:
+        value = super().__enter__()
+        self._selfheal_entered += 1
+        return value
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._selfheal_entered -= 1
+        return super().__exit__(*exc)
+
+    # -- running the caller's statement -------------------------------------------
+
+    def _selfheal_implicit(self) -> bool:
+        """Whether psycopg2 opens a transaction before the next statement itself.
+
+        It does when autocommit is off (or inside ``with conn:``) and it
+        believes no transaction is open: a COMMIT the caller sent as SQL
+        leaves it believing one still is, and the next statement autocommits.
+        """
+        return ((not self.autocommit or self._selfheal_entered > 0)
+                and self.status == ext.STATUS_READY)
+
+    def _selfheal_run(self, run: Callable[[], Any], query: Any, *, many: bool) -> Any:
+        status = self.info.transaction_status
+        planner = self._selfheal_planner
+        options = self.selfheal_options
+        if status == _IDLE:
+            if planner.facts.due:
+                self._selfheal_refresh()
+            if many and not self._selfheal_implicit():
+                # In autocommit executemany() commits row by row: rows before
+                # a failure are in, so it is never run twice.
+                mode = Mode.HEAL_ONLY
+                planner.plan(status, True, query, self, options)  # the facts still learn
+            else:
+                mode = planner.plan(status, not self._selfheal_implicit(), query, self, options)
+        else:
+            mode = planner.plan(status, self.autocommit, query, self, options)
+        if mode is Mode.PASS or mode is Mode.HEAL_ONLY:
+            try:
+                return run()
+            except psycopg2.errors.UniqueViolation as ex:
+                self._selfheal_heal_only(ex, query)
+                raise
+        if mode is Mode.SAVEPOINT:
+            self._selfheal_private(_SAVEPOINT)
+        notices = list(self.notices)
+        try:
+            return run()
+        except psycopg2.errors.UniqueViolation as ex:
+            if mode is Mode.AUTOCOMMIT and self.info.transaction_status == _INERROR:
+                mode = Mode.OPENED  # `with conn:` opened the transaction
+            return self._selfheal_heal(ex, run, query, mode, notices)
+
+    def _selfheal_heal(self, ex: Exception, run: Callable[[], Any], query: Any, mode: Mode,
+                       notices: list[Any]) -> Any:
+        s = shape(query, self)
+        mode = after_failure(mode, s)
+        if mode is Mode.HEAL_ONLY:
+            self._selfheal_heal_only(ex, query)
+            raise ex
+        op = heal_flow(ex, mode, s, self.info.dbname, self.selfheal_options,
+                       self._selfheal_not_healable, self._selfheal_planner.facts)
+        failed = list(self.notices)
+
+        def again() -> Any:
+            value = run()
+            # The caller sees the notices of the attempt that counts only.
+            if isinstance(self.notices, list):
+                retried = self.notices[len(failed):]
+                self.notices[:] = notices + retried
+            return value
+
+        return self._selfheal_drive(op, again)
+
+    def _selfheal_heal_only(self, ex: Exception, query: Any) -> None:
+        if not worth_healing(ex, self._selfheal_not_healable):
+            return
+        op = heal_flow(ex, Mode.HEAL_ONLY, shape(query, self), self.info.dbname,
+                       self.selfheal_options, self._selfheal_not_healable,
+                       self._selfheal_planner.facts)
+        try:
+            if not self._selfheal_implicit() and self.info.transaction_status == _IDLE:
+                self._selfheal_drive(op)
+            else:
+                with _side(self) as side:
+                    side._selfheal_drive(op)
+        except psycopg2.Error:
+            return  # the flow re-raises `ex`; the caller raises it itself
+
+    def _selfheal_refresh(self) -> None:
+        self._selfheal_drive(self._selfheal_planner.facts.refresh(
+            self.selfheal_options.verified_for))
+
+    # -- serving the core's requests ----------------------------------------------
+
+    def _selfheal_drive(self, op: Operation[Any], statement: Callable[[], Any] | None = None
+                        ) -> Any:
+        def serve(req: Request) -> Any:
+            if req is STATEMENT and statement is not None:
+                return statement()
+            return self._selfheal_serve(req)
+
+        busy, self._selfheal_busy = self._selfheal_busy, True
+        try:
+            return _ops.drive(op, serve)
+        finally:
+            self._selfheal_busy = busy
+
+    def _selfheal_serve(self, req: Request) -> Any:
+        if isinstance(req, Query):
+            return self._selfheal_private(req.query, req.params)
+        if isinstance(req, Command):
+            self._selfheal_command(req.command)
+            return []
+        if isinstance(req, Batch):
+            return [self._selfheal_serve(q) for q in req.queries]
+        if isinstance(req, FreshQuery):
+            with _side(self, req.settings) as side:
+                return side._selfheal_serve(req.query)
+        if isinstance(req, Statement):
+            raise TypeError("this operation needs a statement to re-run")
+        raise TypeError(f"unknown request {req!r}")
+
+    def _selfheal_command(self, command: str) -> None:
+        # psycopg2 keeps track of the transactions it opens: those are opened
+        # by psycopg2 itself and closed by commit() and rollback(); a COMMIT
+        # or ROLLBACK sent as SQL would put it out of step with the server.
+        if command.startswith("BEGIN"):
+            if self._selfheal_implicit():
+                self._selfheal_scope = "psycopg2"
+                characteristics = command[len("BEGIN"):].strip()
+                # psycopg2 sends BEGIN before this, its first statement.
+                self._selfheal_private(f"SET TRANSACTION {characteristics}"
+                                       if characteristics else "SELECT")
+            else:
+                self._selfheal_scope = "sql"
+                self._selfheal_private(command)
+        elif command in ("ROLLBACK", "COMMIT"):
+            # No scope of selfheal's: the caller's transaction, which psycopg2
+            # opened (the statement that opened it failed).
+            scope, self._selfheal_scope = self._selfheal_scope, None
+            if scope == "sql":
+                self._selfheal_private(command)
+            elif command == "ROLLBACK":
+                self.rollback()
+            else:
+                self.commit()
+        else:
+            self._selfheal_private(command)
+
+    def _selfheal_private(self, query: Any, params: Any = None) -> list[Any]:
+        """Run one of selfheal's statements on a cursor of its own; its rows."""
+        text = query if isinstance(query, str) else query.as_string(None)
+        busy, self._selfheal_busy = self._selfheal_busy, True
+        try:
+            with ext.cursor(self) as cur:
+                cur.execute(text, params)
+                return cur.fetchall() if cur.description is not None else []
+        finally:
+            self._selfheal_busy = busy
+
+
+def _subclassable(factory: Any) -> TypeGuard[type[Any]]:
+    return (isinstance(factory, type) and issubclass(factory, ext.cursor)
+            and not issubclass(factory, _HealingCursor))
+
+
+class _Side:
+    """A short-lived autocommit connection to the caller's database."""
+
+    def __init__(self, conn: HealingConnection, settings: dict[str, str] | None) -> None:
+        params = dict(conn.info.dsn_parameters)
+        params.pop("options", None)  # the caller's session settings are not the heal's
+        password = conn.info.password
+        if password:
+            params["password"] = password
+        if settings:
+            params["options"] = " ".join(
+                f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
+        self._params = params
+        self._conn: HealingConnection | None = None
+
+    def __enter__(self) -> HealingConnection:
+        side: HealingConnection = psycopg2.connect(  # type: ignore[call-overload]
+            None, connection_factory=HealingConnection, **self._params)
+        side.autocommit = True
+        side._selfheal_busy = True  # its statements are selfheal's own
+        self._conn = side
+        return side
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _side(conn: HealingConnection, settings: dict[str, str] | None = None) -> _Side:
+    return _Side(conn, settings)
