@@ -51,6 +51,7 @@ _ops.register(psycopg2.Error)
 _IDLE = ext.TRANSACTION_STATUS_IDLE
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 _SAVEPOINT = "SAVEPOINT _selfheal"
+_PASS = Mode.PASS
 
 
 class _HealingCursor:
@@ -63,16 +64,14 @@ class _HealingCursor:
         conn = self.connection
         if conn._selfheal_busy or self.name is not None:
             return super().execute(query, vars)  # type: ignore[misc, no-any-return]
-        run = super().execute  # type: ignore[misc]
-        return conn._selfheal_run(lambda: run(query, vars), query, many=False)  # type: ignore[no-any-return]
+        return conn._selfheal_run(super().execute, query, vars, False)  # type: ignore[misc, no-any-return]
 
     def executemany(self, query: Any, vars_list: Any) -> None:
         conn = self.connection
         if conn._selfheal_busy or self.name is not None:
             return super().executemany(query, vars_list)  # type: ignore[misc, no-any-return]
-        rows = list(vars_list)  # a retry needs them again
-        run = super().executemany  # type: ignore[misc]
-        return conn._selfheal_run(lambda: run(query, rows), query, many=True)  # type: ignore[no-any-return]
+        # A list: a retry needs the rows again.
+        return conn._selfheal_run(super().executemany, query, list(vars_list), True)  # type: ignore[misc, no-any-return]
 
 
 _classes: dict[type[Any], type[Any]] = {}
@@ -113,7 +112,8 @@ class HealingConnection(ext.connection):
         self._selfheal_not_healable = NotHealable()
         # How selfheal's own scope was opened: by psycopg2 ("psycopg2") or as SQL.
         self._selfheal_scope: str | None = None
-        info = self.info
+        # One ConnectionInfo (psycopg2 makes a new one on every `info` read).
+        self._selfheal_info = info = self.info
         self._selfheal_planner = Planner(
             facts_for((info.host, info.port, info.dbname)), info.user,
             lambda: info.parameter_status("search_path"), shape)
@@ -125,6 +125,12 @@ class HealingConnection(ext.connection):
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         """As psycopg2's; the cursor is a healing subclass of the class asked for."""
+        if not args and not kwargs:
+            # The common call: the connection's factory, whose class is made already.
+            factory: Any = self.cursor_factory
+            found = _classes.get(factory or ext.cursor)
+            if found is not None:
+                return super().cursor(cursor_factory=found)
         if len(args) >= 2:
             factory = args[1]
             if _subclassable(factory):
@@ -157,8 +163,9 @@ class HealingConnection(ext.connection):
         return ((not self.autocommit or self._selfheal_entered > 0)
                 and self.status == ext.STATUS_READY)
 
-    def _selfheal_run(self, run: Callable[[], Any], query: Any, *, many: bool) -> Any:
-        status = self.info.transaction_status
+    def _selfheal_run(self, method: Callable[[Any, Any], Any], query: Any, params: Any,
+                      many: bool) -> Any:
+        status = self._selfheal_info.transaction_status
         planner = self._selfheal_planner
         options = self.selfheal_options
         if status == _IDLE:
@@ -173,9 +180,9 @@ class HealingConnection(ext.connection):
                 mode = planner.plan(status, not self._selfheal_implicit(), query, self, options)
         else:
             mode = planner.plan(status, self.autocommit, query, self, options)
-        if mode is Mode.PASS or mode is Mode.HEAL_ONLY:
+        if mode is _PASS or mode is Mode.HEAL_ONLY:
             try:
-                return run()
+                return method(query, params)
             except psycopg2.errors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex, query)
                 raise
@@ -183,11 +190,11 @@ class HealingConnection(ext.connection):
             self._selfheal_private(_SAVEPOINT)
         notices = list(self.notices)
         try:
-            return run()
+            return method(query, params)
         except psycopg2.errors.UniqueViolation as ex:
-            if mode is Mode.AUTOCOMMIT and self.info.transaction_status == _INERROR:
+            if mode is Mode.AUTOCOMMIT and self._selfheal_info.transaction_status == _INERROR:
                 mode = Mode.OPENED  # `with conn:` opened the transaction
-            return self._selfheal_heal(ex, run, query, mode, notices)
+            return self._selfheal_heal(ex, lambda: method(query, params), query, mode, notices)
 
     def _selfheal_heal(self, ex: Exception, run: Callable[[], Any], query: Any, mode: Mode,
                        notices: list[Any]) -> Any:

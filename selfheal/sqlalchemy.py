@@ -5,7 +5,8 @@ SQLAlchemy: make an engine's connections heal, in one line.
     selfheal.sqlalchemy.install(engine)
 
 `install` works for `Engine` and `AsyncEngine` (``create_async_engine``) on the
-``psycopg`` driver, Core and ORM alike. It replaces the ``connect`` method of
+``psycopg`` driver, and for `Engine` on ``psycopg2`` (``postgresql://`` and
+``postgresql+psycopg2://``), Core and ORM alike. It replaces the ``connect`` method of
 this engine's dialect (the call SQLAlchemy's pool makes after running the
 ``do_connect`` listeners) so that the pool opens `HealingConnection` (or
 `AsyncHealingConnection`) instead of a plain psycopg connection; everything
@@ -21,6 +22,7 @@ cannot be healed reaches the application as SQLAlchemy's usual
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,7 +41,14 @@ __all__ = ["install", "uninstall"]
 
 E = TypeVar("E", "Engine", "AsyncEngine")
 
-_HEALING = (HealingConnection, AsyncHealingConnection)
+_HEALING: tuple[type[Any], ...] = (HealingConnection, AsyncHealingConnection)
+_DRIVERS = ("psycopg", "psycopg2")
+
+
+def _healing() -> tuple[type[Any], ...]:
+    # psycopg2's shell counts once an engine of it was installed (it is optional).
+    p2 = sys.modules.get("selfheal.psycopg2")
+    return _HEALING if p2 is None else (*_HEALING, p2.HealingConnection)
 
 # What install() put on each engine (its dialect's connect, its listeners), so
 # that a second install() replaces it instead of stacking up, and uninstall()
@@ -55,7 +64,7 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     Connections the pool opened before are replaced when next checked out,
     so calling it later is safe too. `options` configures the healing
     connections (see `HealOptions`). Raises `ValueError` for an engine that
-    is not ``postgresql+psycopg``.
+    is not ``postgresql+psycopg`` or ``postgresql+psycopg2``.
 
     ``do_connect`` listeners, added before or after, run as usual and may
     change the connection arguments. Engines built with ``creator=`` or
@@ -67,14 +76,20 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     """
     sync_engine = _sync_engine(engine)
     dialect = sync_engine.dialect
-    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+    if dialect.name != "postgresql" or dialect.driver not in _DRIVERS:
         raise ValueError(
-            f"selfheal needs the psycopg (3) driver, this engine uses"
+            f"selfheal needs the psycopg (3) or psycopg2 driver, this engine uses"
             f" {dialect.name}+{dialect.driver}: use a postgresql+psycopg:// URL"
         )
     uninstall(engine)
-    base: type[Any] = AsyncHealingConnection if dialect.is_async else HealingConnection
-    cls = base.with_options(**dataclasses.asdict(options)) if options is not None else base
+    base: type[Any]
+    if dialect.driver == "psycopg2":
+        from .psycopg2 import HealingConnection as Psycopg2HealingConnection
+
+        base = Psycopg2HealingConnection
+    else:
+        base = AsyncHealingConnection if dialect.is_async else HealingConnection
+    cls: Any = base.with_options(**dataclasses.asdict(options)) if options is not None else base
 
     # Not a do_connect listener returning the connection: that would end
     # SQLAlchemy's do_connect chain, so a listener added after install() (the
@@ -89,6 +104,16 @@ def install(engine: E, options: HealOptions | None = None) -> E:
             # The asyncio adapter calls `async_creator_fn(*cargs, **cparams)`
             # and wraps the awaited connection.
             return dbapi.connect(*cargs, **{**cparams, "async_creator_fn": cls.connect})
+    elif dialect.driver == "psycopg2":
+        dbapi = dialect.loaded_dbapi
+
+        def connect(*cargs: Any, **cparams: Any) -> Any:
+            # psycopg2.connect(), as the dialect calls it, building the
+            # healing class (a subclass of it given in connect_args stays).
+            factory = cparams.get("connection_factory")
+            if not (isinstance(factory, type) and issubclass(factory, cls)):
+                cparams = {**cparams, "connection_factory": cls}
+            return dbapi.connect(*cargs, **cparams)
     else:
         def connect(*cargs: Any, **cparams: Any) -> Any:
             # Exactly what the dialect would call, psycopg.connect(), but on
@@ -128,7 +153,7 @@ def _driver_connection(dbapi_connection: Any) -> Any:
 
 
 def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-    if not isinstance(_driver_connection(dbapi_connection), _HEALING):
+    if not isinstance(_driver_connection(dbapi_connection), _healing()):
         # A creator= / async_creator= engine skips dialect.connect (as does a
         # do_connect listener returning its own connection). Refuse
         # rather than let the application believe it heals.
@@ -141,7 +166,7 @@ def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
 
 def _on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry,
                  proxy: PoolProxiedConnection) -> None:
-    if not isinstance(_driver_connection(dbapi_connection), _HEALING):
+    if not isinstance(_driver_connection(dbapi_connection), _healing()):
         # Opened before install(): SQLAlchemy's own recipe for replacing a
         # pooled connection on checkout. Costs an isinstance() per checkout.
         raise exc.DisconnectionError("replaced by a selfheal connection")

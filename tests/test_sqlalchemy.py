@@ -52,7 +52,7 @@ class Customer(Base):
     email: Mapped[str] = mapped_column(unique=True)
 
 
-def sa_url(dsn: str) -> URL:
+def sa_url(dsn: str, driver: str = "psycopg") -> URL:
     """A postgresql+psycopg URL for a libpq DSN; every parameter but the names goes in the query.
 
     The embedded server's host is a unix socket directory, which URLs can
@@ -60,7 +60,7 @@ def sa_url(dsn: str) -> URL:
     """
     params = conninfo_to_dict(dsn)
     return URL.create(
-        "postgresql+psycopg",
+        f"postgresql+{driver}",
         username=params.pop("user", None),
         password=params.pop("password", None),
         database=params.pop("dbname", None),
@@ -482,3 +482,43 @@ class TestExample:
             "bulk-inserted 10 items, ids 51..60",
             "asyncio: added lamp 63",
         ]
+
+
+class TestPsycopg2:
+    """install() on a ``postgresql+psycopg2://`` engine: psycopg2 connections that heal."""
+
+    @pytest.fixture
+    def engine2(self, dsn: str) -> Iterator[Engine]:
+        eng = selfheal.sqlalchemy.install(sa.create_engine(sa_url(dsn, "psycopg2")))
+        Base.metadata.create_all(eng)
+        yield eng
+        eng.dispose()
+
+    def test_orm_insert_heals(self, engine2: Engine, conn: psycopg.Connection) -> None:
+        import selfheal.psycopg2
+
+        drift(conn)
+        with capture_logs() as logs, Session(engine2) as session:
+            assert isinstance(session.connection().connection.driver_connection,
+                              selfheal.psycopg2.HealingConnection)
+            session.add(Payment(note="first"))
+            session.flush()
+            with session.begin_nested():
+                session.add(Payment(note="nested"))
+            session.add_all([Payment(note=f"many {i}") for i in range(5)])
+            session.commit()
+        [heal] = heals(logs)
+        assert (heal["table"], heal["retry"]) == ("payments", "succeeded")
+        assert conn.execute("SELECT count(*), count(DISTINCT id), min(id) FILTER"
+                            " (WHERE note IS NOT NULL) FROM payments").fetchone() == (19, 19, 13)
+
+    def test_options_and_connect_args(self, dsn: str, conn: psycopg.Connection) -> None:
+        import selfheal.psycopg2
+
+        eng = selfheal.sqlalchemy.install(sa.create_engine(sa_url(dsn, "psycopg2")),
+                                          HealOptions(retry=False))
+        with eng.connect() as c:
+            raw = c.connection.driver_connection
+            assert isinstance(raw, selfheal.psycopg2.HealingConnection)
+            assert raw.selfheal_options.retry is False
+        eng.dispose()
