@@ -51,7 +51,11 @@ _ops.register(psycopg2.Error)
 _IDLE = ext.TRANSACTION_STATUS_IDLE
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 _SAVEPOINT = "SAVEPOINT _selfheal"
+_PREFIX = "SAVEPOINT _selfheal; "
+_PREFIX_BYTES = _PREFIX.encode()
 _PASS = Mode.PASS
+#: psycopg2's own ``cursor.query``.
+_QUERY: Any = ext.cursor.__dict__["query"]
 
 
 class _HealingCursor:
@@ -59,15 +63,29 @@ class _HealingCursor:
 
     connection: HealingConnection
     name: str | None
+    #: 1 when the query the cursor ran last went behind selfheal's prefix.
+    _selfheal_prefix = 0
+
+    @property
+    def query(self) -> bytes | None:
+        """The query the cursor ran last, as psycopg2 shows it (selfheal's prefix aside)."""
+        raw: bytes | None = _QUERY.__get__(self)
+        if self._selfheal_prefix and raw is not None and raw.startswith(_PREFIX_BYTES):
+            return raw[len(_PREFIX_BYTES):]
+        return raw
 
     def execute(self, query: Any, vars: Any = None) -> None:
         conn = self.connection
+        if self._selfheal_prefix:
+            self._selfheal_prefix = 0
         if conn._selfheal_busy or self.name is not None:
             return super().execute(query, vars)  # type: ignore[misc, no-any-return]
         return conn._selfheal_run(super().execute, query, vars, False)  # type: ignore[misc, no-any-return]
 
     def executemany(self, query: Any, vars_list: Any) -> None:
         conn = self.connection
+        if self._selfheal_prefix:
+            self._selfheal_prefix = 0
         if conn._selfheal_busy or self.name is not None:
             return super().executemany(query, vars_list)  # type: ignore[misc, no-any-return]
         # A list: a retry needs the rows again.
@@ -186,15 +204,49 @@ class HealingConnection(ext.connection):
             except psycopg2.errors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex, query)
                 raise
-        if mode is Mode.SAVEPOINT:
-            self._selfheal_private(_SAVEPOINT)
         notices = list(self.notices)
+        if mode is Mode.SAVEPOINT:
+            prefixed = None if many else _prefixed(query, self)
+            if prefixed is not None:
+                return self._selfheal_prefixed(method, query, prefixed, params, notices)
+            self._selfheal_private(_SAVEPOINT)
         try:
             return method(query, params)
         except psycopg2.errors.UniqueViolation as ex:
             if mode is Mode.AUTOCOMMIT and self._selfheal_info.transaction_status == _INERROR:
                 mode = Mode.OPENED  # `with conn:` opened the transaction
             return self._selfheal_heal(ex, lambda: method(query, params), query, mode, notices)
+
+    def _selfheal_prefixed(self, method: Callable[[Any, Any], Any], query: Any, prefixed: Any,
+                           params: Any, notices: list[Any]) -> Any:
+        """Run `query` as one string behind ``SAVEPOINT _selfheal;``: one round trip.
+
+        psycopg2 keeps the last result of a string, the statement's, so the
+        cursor shows what plain psycopg2 shows; its ``query`` reads without
+        the prefix. An error whose message points into the text (a position:
+        parsing and analysis, before anything ran) is raised by the statement
+        run again without the prefix, after rolling back to the savepoint, so
+        that it reads as plain psycopg2's.
+        """
+        cur = method.__self__  # type: ignore[attr-defined]
+        cur._selfheal_prefix = 1
+        try:
+            return method(prefixed, params)
+        except psycopg2.errors.UniqueViolation as ex:
+            cur._selfheal_prefix = 0
+            return self._selfheal_heal(ex, lambda: method(query, params), query, Mode.SAVEPOINT,
+                                       notices)
+        except psycopg2.Error as ex:
+            cur._selfheal_prefix = 0
+            if getattr(ex.diag, "statement_position", None) is None:
+                raise
+            try:
+                self._selfheal_private("ROLLBACK TO SAVEPOINT _selfheal")
+            except psycopg2.Error:
+                raise ex from None
+            if isinstance(self.notices, list):
+                self.notices[:] = notices
+            return method(query, params)
 
     def _selfheal_heal(self, ex: Exception, run: Callable[[], Any], query: Any, mode: Mode,
                        notices: list[Any]) -> Any:
@@ -303,6 +355,22 @@ class HealingConnection(ext.connection):
                 return cur.fetchall() if cur.description is not None else []
         finally:
             self._selfheal_busy = busy
+
+
+def _prefixed(query: Any, conn: Any) -> str | bytes | None:
+    """`query` behind selfheal's savepoint, in one string; None if it cannot be."""
+    if isinstance(query, str):
+        return _PREFIX + query
+    if isinstance(query, bytes):
+        return _PREFIX_BYTES + query
+    as_string = getattr(query, "as_string", None)
+    if callable(as_string):
+        try:
+            text = as_string(conn)
+        except Exception:
+            return None
+        return _PREFIX + text if isinstance(text, str) else None
+    return None
 
 
 def _subclassable(factory: Any) -> TypeGuard[type[Any]]:

@@ -271,6 +271,31 @@ class TestHeals:
         assert ids(admin) == list(range(1, 11))
         conn.close()
 
+    def test_protected_statement_reads_as_plain(self, admin: psycopg.Connection[Any],
+                                                 dsn: str) -> None:
+        """Under selfheal's savepoint (one string with the statement), the cursor and the
+        errors read as plain psycopg2's: query, rows, status, an error's message and
+        position, the aborted transaction after it."""
+        admin.execute("CREATE TABLE payments (id serial PRIMARY KEY, note text)")
+        seen = []
+        for factory in (ext.connection, HealingConnection.with_options(protect="always")):
+            conn = connect(dsn, factory=factory)
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            cur.execute("INSERT INTO payments (note) VALUES (%s) RETURNING id", ("a",))
+            ok = (cur.query, cur.fetchall(), cur.statusmessage, cur.rowcount)
+            with pytest.raises(psycopg2.Error) as info:
+                cur.execute("INSERT INTO payments (nope) VALUES (%s)", (1,))
+            failed = (type(info.value), str(info.value), info.value.diag.statement_position,
+                      cur.query, conn.info.transaction_status, list(conn.notices))
+            with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+                cur.execute("SELECT 1")
+            conn.rollback()
+            seen.append((ok[0], ok[2:], failed))
+            conn.close()
+        assert seen[0] == seen[1]
+        assert seen[0][2][0] is psycopg2.errors.UndefinedColumn
+
     def test_natural_key_is_left_alone(self, admin: psycopg.Connection[Any], dsn: str) -> None:
         admin.execute("CREATE TABLE users (id serial PRIMARY KEY, email text UNIQUE)")
         admin.execute("INSERT INTO users (email) VALUES ('taken')")
