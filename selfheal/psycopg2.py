@@ -49,6 +49,7 @@ __all__ = ["HealingConnection", "HealOptions"]
 _ops.register(psycopg2.Error)
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
+_INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 _SAVEPOINT = "SAVEPOINT _selfheal"
 _PREFIX = "SAVEPOINT _selfheal; "
@@ -74,12 +75,23 @@ class _HealingCursor:
             return raw[len(_PREFIX_BYTES):]
         return raw
 
+    #: The caller's cursor class's own execute(), unbound (set per healing class).
+    _selfheal_execute: Callable[..., Any]
+
     def execute(self, query: Any, vars: Any = None) -> None:
         conn = self.connection
         if self._selfheal_prefix:
             self._selfheal_prefix = 0
         if conn._selfheal_busy or self.name is not None:
-            return super().execute(query, vars)  # type: ignore[misc, no-any-return]
+            return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
+        if conn._selfheal_info.transaction_status == _INTRANS and conn._selfheal_planner.plan(
+                _INTRANS, False, query, conn, conn.selfheal_options) is _PASS:
+            # The hot path: inside a transaction, nothing to protect.
+            try:
+                return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
+            except psycopg2.errors.UniqueViolation as ex:
+                conn._selfheal_heal_only(ex, query)
+                raise
         return conn._selfheal_run(super().execute, query, vars, False)  # type: ignore[misc, no-any-return]
 
     def executemany(self, query: Any, vars_list: Any) -> None:
@@ -104,7 +116,8 @@ def _healing_class(factory: type[Any]) -> type[Any]:
             found = _classes.get(factory)
             if found is None:
                 found = type(factory.__name__, (_HealingCursor, factory),
-                             {"__module__": factory.__module__})
+                             {"__module__": factory.__module__,
+                              "_selfheal_execute": staticmethod(factory.execute)})
                 _classes[factory] = found
     return found
 
