@@ -46,6 +46,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_insert.py
 	$(BIN)/python bench/bench_check.py
 	$(BIN)/python bench/bench_txn.py
+	$(BIN)/python bench/bench_txn.py --driver psycopg2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .peer build *.egg-info

@@ -111,6 +111,24 @@ class Call:
         for name, value in state.items():
             setattr(self.cursor, name, value)
 
+    def uncount(self) -> None:
+        """Before the retry: the failed attempt no longer counts towards preparing.
+
+        psycopg counts every execution towards its prepare threshold, failed
+        ones too once a statement is known. Where selfheal retries, plain
+        psycopg (with the sequence healed) runs the statement once; so only
+        the retry counts, and the statement gets prepared at the same
+        execution as with plain psycopg.
+        """
+        prepared = getattr(self.cursor._conn, "_prepared", None)
+        query = getattr(self.cursor, "_query", None)
+        if prepared is None or query is None or self.many:
+            return
+        key = prepared.key(query)
+        count = prepared._counts.get(key)
+        if count:  # known before the attempt (a new statement that failed is not kept)
+            prepared._counts[key] = count - 1
+
 
 class HeldNotices:
     """The caller's notice handlers, held back while a statement may be retried.

@@ -27,6 +27,13 @@ DRAWING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "CALL", "DO"
 #: or a DO block that COMMITs): a failure may come after work was committed.
 MAY_COMMIT = frozenset({"CALL", "DO"})
 
+#: Statements a string of several may hold and still run all or nothing: in
+#: autocommit such a string is one implicit transaction.
+ATOMIC = frozenset({"INSERT", "UPDATE", "DELETE", "SELECT", "VALUES", "TABLE", "WITH", "MERGE"})
+
+#: The statements of a string of several that are told apart (more: unknown).
+PARTS_LIMIT = 1000
+
 # Tokens: ("word", text), ("ident", text) for a quoted identifier, or a
 # one-character punctuation token such as "(", ")", ",", ".", ";".
 Token = tuple[str, str]
@@ -46,6 +53,9 @@ class Shape:
     #: For an INSERT with a column list: the columns it names (none for
     #: DEFAULT VALUES), else None.
     insert_columns: frozenset[str] | None = None
+    #: For a string of several statements, each one's shape; empty when there
+    #: are more than `PARTS_LIMIT` or the string is not understood.
+    parts: tuple[Shape, ...] = ()
 
     @property
     def may_draw(self) -> bool:
@@ -55,7 +65,15 @@ class Shape:
     @property
     def may_commit(self) -> bool:
         """Whether a failure may follow work the statement already committed."""
-        return self.multi or self.keyword in MAY_COMMIT
+        if self.multi:
+            return not self.atomic
+        return self.keyword in MAY_COMMIT
+
+    @property
+    def atomic(self) -> bool:
+        """A string of several statements that runs all or nothing in autocommit:
+        each of them known, and each one of `ATOMIC`."""
+        return bool(self.parts) and all(p.keyword in ATOMIC for p in self.parts)
 
     def supplies(self, table: str, column: str) -> bool:
         """Whether this INSERT names `column` of `table` in its column list."""
@@ -156,32 +174,53 @@ def _dollar_tag_end(text: str, i: int) -> int:
 def shape_of(text: str) -> Shape:
     """Classify a query string (linear in its length, no backtracking)."""
     toks = _tokens(text)
-    keyword = ""
+    first, end = _statement(toks)
+    if end != ";":
+        return first
+    parts = [first] if first is not _EMPTY else []
+    while end == ";":
+        part, end = _statement(toks)
+        if part is not _EMPTY:
+            parts.append(part)
+    if len(parts) <= 1:
+        return parts[0] if parts else first
+    known = tuple(parts) if len(parts) <= PARTS_LIMIT else ()
+    lead = parts[0]
+    return Shape(keyword=lead.keyword, multi=True, insert_table=lead.insert_table,
+                 insert_columns=lead.insert_columns, parts=known)
+
+
+#: No statement at all (a blank string, or nothing between two ``;``).
+_EMPTY = Shape(keyword="", multi=False)
+
+
+def _statement(toks: Iterator[Token]) -> tuple[Shape, str]:
+    """The shape of the next statement in `toks`, and how it ended: ";" or "" (the end)."""
     for kind, value in toks:
         if kind == "word":
             keyword = value.upper()
             break
+        if kind == ";":
+            return _EMPTY, ";"
         if kind != "(":
-            # A statement starting with anything else is not understood.
-            return Shape(keyword="", multi=_more_statements(toks, kind))
+            return Shape(keyword="", multi=False), _to_end(toks, kind)
     else:
-        return Shape(keyword="", multi=False)
+        return _EMPTY, ""
     if keyword != "INSERT":
-        return Shape(keyword=keyword, multi=_more_statements(toks, ""))
+        return Shape(keyword=keyword, multi=False), _to_end(toks, "")
     table, columns, last = _insert_target(toks)
-    return Shape(keyword=keyword, multi=_more_statements(toks, last),
-                 insert_table=table, insert_columns=columns)
+    return (Shape(keyword=keyword, multi=False, insert_table=table, insert_columns=columns),
+            _to_end(toks, last))
 
 
-def _more_statements(toks: Iterator[Token], last: str) -> bool:
-    """Whether anything but ``;`` follows a ``;`` in the rest of the tokens."""
-    after_semicolon = last == ";"
+def _to_end(toks: Iterator[Token], last: str) -> str:
+    """Skip to the end of the statement: ";" when one follows, "" at the end of the text."""
+    if last == ";":
+        return ";"
     for kind, _ in toks:
         if kind == ";":
-            after_semicolon = True
-        elif after_semicolon:
-            return True
-    return False
+            return ";"
+    return ""
 
 
 def _name(kind: str, value: str) -> str | None:

@@ -98,7 +98,7 @@ def after_failure(mode: Mode, shape: Shape) -> Mode:
     """
     if mode is Mode.AUTOCOMMIT and shape.may_commit:
         return Mode.HEAL_ONLY
-    if mode is Mode.OPENED and shape.multi:
+    if mode is Mode.OPENED and shape.multi and not shape.atomic:
         return Mode.HEAL_ONLY
     return mode
 

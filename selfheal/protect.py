@@ -65,6 +65,7 @@ class Kind(enum.Enum):
     NO_KEY = "no_key"  # INSERT into a table without a sequence-backed key
     EXPLICIT = "explicit"  # INSERT that names the key
     DEFAULT_KEY = "default_key"  # INSERT drawing the key: safe while verified in sync
+    MULTI = "multi"  # several statements, all or nothing: judged one by one (`parts`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,23 +78,29 @@ class Verdict:
     #: The table written to (EXPLICIT, DEFAULT_KEY), and the key of its facts.
     rel: Relation | None = None
     key: tuple[str, str] | None = None
+    #: MULTI: the verdict of each statement.
+    parts: tuple[Verdict, ...] = ()
 
 
 # Enum members as module constants: the hot path compares them by identity.
 _PASS, _AUTOCOMMIT, _OPENED = Mode.PASS, Mode.AUTOCOMMIT, Mode.OPENED
 _QUIET, _DEFAULT_KEY, _TRIGGERED = Kind.QUIET, Kind.DEFAULT_KEY, Kind.TRIGGERED
-_EXPLICIT, _SCHEMA = Kind.EXPLICIT, Kind.SCHEMA
+_EXPLICIT, _SCHEMA, _MULTI = Kind.EXPLICIT, Kind.SCHEMA, Kind.MULTI
 
 
 class Planner:
     """One connection's protection decisions and savepoint count."""
 
-    __slots__ = ("_verdicts", "facts", "savepoints", "search_path", "shape", "user")
+    __slots__ = ("_verdicts", "facts", "multi_savepoints", "savepoints", "search_path", "shape",
+                 "user")
 
     def __init__(self, facts: Facts, user: str,
                  search_path: Callable[[], str | bytes | None],
-                 shape: Callable[[Any, Any], Shape]) -> None:
+                 shape: Callable[[Any, Any], Shape], multi_savepoints: bool = False) -> None:
         self.facts = facts
+        #: Whether the driver can put a savepoint before a string of several
+        #: statements (psycopg2's one string can; psycopg's pipeline cannot).
+        self.multi_savepoints = multi_savepoints
         #: `shape(query, conn)`: what the driver's query object says (cached).
         self.shape = shape
         self.user = user
@@ -135,7 +142,7 @@ class Planner:
                 v = self._verdicts.get(query) if type(query) is str else None
                 if v is None or v.epoch != facts.epoch:
                     v = self._verdict(query, conn)
-                if v.kind is _EXPLICIT or v.kind is _SCHEMA:
+                if v.kind is _EXPLICIT or v.kind is _SCHEMA or v.kind is _MULTI:
                     self._watch(v)
             return _AUTOCOMMIT if autocommit else _OPENED
         return _PASS
@@ -152,9 +159,10 @@ class Planner:
         if kind is Kind.SAVEPOINT:
             self.savepoints += 1
             return Mode.PASS
-        if kind is Kind.QUIET or kind is Kind.SCHEMA:
-            # A multi-statement string cannot share a pipeline, and may hold
-            # savepoint commands of its own that would release ours.
+        if kind is Kind.QUIET or kind is Kind.SCHEMA or (
+                kind is Kind.MULTI and not self.multi_savepoints):
+            # A string of several statements cannot share a pipeline; one that
+            # is not all DML may hold savepoint commands that would release ours.
             self._watch(v)
             return Mode.PASS
         if not (options.savepoints and pipeline) or self.savepoints >= SUBTRANSACTIONS:
@@ -173,6 +181,8 @@ class Planner:
         if kind is Kind.DEFAULT_KEY:
             assert v.rel is not None
             return not self.facts.in_sync(v.rel, time.monotonic())
+        if kind is Kind.MULTI:
+            return any([self._at_risk(p) for p in v.parts])  # each one judged (and watched)
         if kind is Kind.EXPLICIT:
             # A collision on an explicit key is a real duplicate, never
             # retried; and the table may now be ahead of its sequence.
@@ -190,7 +200,10 @@ class Planner:
 
     def _watch(self, v: Verdict) -> None:
         """Note what a statement run without a check does to the facts."""
-        if v.kind is Kind.EXPLICIT:
+        if v.kind is Kind.MULTI:
+            for p in v.parts:
+                self._watch(p)
+        elif v.kind is Kind.EXPLICIT:
             assert v.rel is not None
             self.facts.at_risk(*v.rel.key)
         elif v.kind is Kind.SCHEMA:
@@ -215,7 +228,16 @@ class Planner:
         keyword = s.keyword
         if keyword == "SAVEPOINT":
             return Verdict(Kind.SAVEPOINT, epoch)
-        if s.multi or keyword in SCHEMA_CHANGES:
+        if s.multi:
+            if not s.atomic:
+                return Verdict(Kind.SCHEMA, epoch)
+            parts = tuple(self._judge(p) for p in s.parts)
+            if all(p.kind is Kind.QUIET for p in parts):
+                return Verdict(Kind.QUIET, epoch)
+            paths = {p.search_path for p in parts} - {None}
+            return Verdict(Kind.MULTI, facts.epoch, paths.pop() if paths else None,
+                           parts=parts)
+        if keyword in SCHEMA_CHANGES:
             return Verdict(Kind.SCHEMA, epoch)
         if not s.may_draw:
             return Verdict(Kind.QUIET, epoch)

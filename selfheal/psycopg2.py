@@ -147,7 +147,7 @@ class HealingConnection(ext.connection):
         self._selfheal_info = info = self.info
         self._selfheal_planner = Planner(
             facts_for((info.host, info.port, info.dbname)), info.user,
-            lambda: info.parameter_status("search_path"), shape)
+            lambda: info.parameter_status("search_path"), shape, multi_savepoints=True)
 
     @classmethod
     def with_options(cls, **options: Any) -> type[HealingConnection]:

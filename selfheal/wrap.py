@@ -333,6 +333,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         def again() -> Any:
             self._selfheal_retrying()
             state = call.cursor_state()
+            call.uncount()
             try:
                 return psycopg.Connection.wait(self, self._selfheal_again(call))
             except psycopg.Error:
@@ -536,6 +537,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         async def again() -> Any:
             self._selfheal_retrying()
             state = call.cursor_state()
+            call.uncount()
             try:
                 return await psycopg.AsyncConnection.wait(self, self._selfheal_again(call))
             except psycopg.Error:

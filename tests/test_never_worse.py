@@ -377,6 +377,36 @@ class TestMultiStatementStrings:
             assert seq_next(c, "public.payments_id_seq") == 6
 
 
+    @pytest.mark.parametrize("autocommit", [True, False])
+    def test_all_or_nothing_string_is_retried(self, conn: psycopg.Connection, dsn: str,
+                                              autocommit: bool) -> None:
+        """A string of DML statements runs all or nothing, where it is the whole
+        transaction: after a heal it runs again, and every row lands once."""
+        conn.execute("CREATE TABLE pages (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO pages (id, note) SELECT g, 'seed' FROM generate_series(1, 3) g")
+        with capture_logs() as logs, HealingConnection.connect(dsn, autocommit=autocommit) as hc:
+            hc.execute("INSERT INTO pages (note) VALUES ('a'); INSERT INTO pages (note)"
+                       " VALUES ('b')")
+            hc.commit()
+        assert [e["retry"] for e in logs if e["event"] == "sequence_resynced"] == ["succeeded"]
+        assert conn.execute("SELECT note FROM pages WHERE id > 3 ORDER BY id").fetchall() == [
+            ("a",), ("b",)]
+
+    def test_string_that_commits_is_not_run_again(self, conn: psycopg.Connection,
+                                                  dsn: str) -> None:
+        """A string holding a COMMIT may have committed part of its work: healed and
+        re-raised, never run twice."""
+        conn.execute("CREATE TABLE pages (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO pages (id, note) VALUES (2, 'seed')")
+        with (HealingConnection.connect(dsn, autocommit=True) as hc,
+              pytest.raises(pgerrors.UniqueViolation)):
+            hc.execute("INSERT INTO pages (note) VALUES ('a'); COMMIT;"
+                       " INSERT INTO pages (note) VALUES ('b')")
+        assert conn.execute("SELECT note FROM pages WHERE note <> 'seed'").fetchall() == [
+            ("a",)]
+        assert seq_next(conn, "public.pages_id_seq") == 3
+
+
 class TestPreparedStatements:
     @pytest.mark.parametrize("threshold", [0, 1, 5])
     def test_heals_and_prepares_nothing_of_its_own(self, conn: psycopg.Connection, dsn: str,

@@ -508,3 +508,18 @@ class TestFailedRetry:
         assert healed.at("3").cursor_after_error == plain.at("3").cursor_after_error, (
             healed.at("3").cursor_after_error)
         parity.assert_parity(script, healed, plain)
+
+
+@by_driver
+def test_a_retry_counts_once_towards_preparing(driver: Psycopg,
+                                               dbs: tuple[Database, Database]) -> None:
+    """Under psycopg's default prepare threshold, a healed and retried statement counts
+    as plain's one failed execution: the same statements end up prepared (found by the
+    random scripts: the retries used to make one prepared an execution early)."""
+    insert = ledger("a")
+    script = Script((insert, insert, Drift("ledger"), insert, Rewind("ledger", by=1), insert,
+                     insert, insert))
+    healed, plain = run(driver, script, dbs)
+    assert [r for path in ("4", "6") for _, r in events(healed, path)] == [
+        "succeeded", "succeeded"]
+    parity.assert_parity(script, healed, plain)

@@ -384,6 +384,27 @@ class TestBatches:
                              ).fetchone() == (True,)
         conn.close()
 
+    @pytest.mark.parametrize("autocommit", [False, True])
+    def test_execute_batch(self, admin: psycopg.Connection[Any], dsn: str,
+                           autocommit: bool) -> None:
+        """Pages of several statements in one string: a page that collides is healed and
+        run again (it ran all or nothing), so every row lands exactly once."""
+        make_drifted(admin, 4)
+        conn = connect(dsn, autocommit=autocommit)
+        cur = conn.cursor()
+        with capture_logs() as logs:
+            psycopg2.extras.execute_batch(cur, "INSERT INTO payments (note) VALUES (%s)",
+                                          [(f"b{i}",) for i in range(10)], page_size=4)
+        if not autocommit:
+            conn.commit()
+        assert [e["retry"] for e in logs if e["event"] == "sequence_resynced"] == ["succeeded"]
+        assert [r[0] for r in admin.execute(
+            "SELECT note FROM payments WHERE note <> 'seed' ORDER BY id")] == [
+            f"b{i}" for i in range(10)]
+        assert admin.execute("SELECT count(*) = count(DISTINCT id) FROM payments"
+                             ).fetchone() == (True,)
+        conn.close()
+
     def test_executemany_in_a_transaction(self, admin: psycopg.Connection[Any],
                                           dsn: str) -> None:
         make_drifted(admin, 6)
