@@ -48,11 +48,6 @@ def conninfo_of(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) ->
     return psycopg.conninfo.make_conninfo("", **params)
 
 
-def _options(settings: dict[str, str]) -> str:
-    # libpq "options": backslash-escape spaces inside a value.
-    return " ".join(f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
-
-
 def _fetch(cur: psycopg.Cursor[TupleRow]) -> Rows:
     return cur.fetchall() if cur.pgresult is not None and cur.description else []
 
@@ -128,7 +123,7 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
         return [[] if isinstance(q, Command) else _fetch(cur)
                 for cur, q in zip(curs, req.queries, strict=True)]
     with psycopg.Connection.connect(
-        conninfo_of(conn), autocommit=True, options=_options(req.settings)
+        conninfo_of(conn), autocommit=True, options=_ops.libpq_options(req.settings)
     ) as side:
         return _serve(side, req.query)
 
@@ -181,6 +176,6 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
         return [[] if isinstance(q, Command) else await _afetch(cur)
                 for cur, q in zip(curs, req.queries, strict=True)]
     async with await psycopg.AsyncConnection.connect(
-        conninfo_of(aconn), autocommit=True, options=_options(req.settings)
+        conninfo_of(aconn), autocommit=True, options=_ops.libpq_options(req.settings)
     ) as side:
         return await _aserve(side, req.query)

@@ -32,6 +32,7 @@ __all__ = [
     "adrive",
     "diag_of",
     "drive",
+    "libpq_options",
     "register",
     "sqlstate_of",
 ]
@@ -114,6 +115,11 @@ def diag_of(err: BaseException) -> tuple[str | None, str | None, str | None]:
     diag = getattr(err, "diag", err)  # psycopg and psycopg2 keep them in .diag
     return (getattr(diag, "schema_name", None), getattr(diag, "table_name", None),
             getattr(diag, "constraint_name", None))
+
+
+def libpq_options(settings: dict[str, str]) -> str:
+    """`settings` as libpq's ``options`` (``-c name=value``, spaces in a value escaped)."""
+    return " ".join(f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
 
 
 def drive(op: Operation[T], serve: Callable[[Request], Any]) -> T:

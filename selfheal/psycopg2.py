@@ -401,8 +401,7 @@ class _Side:
         if password:
             params["password"] = password
         if settings:
-            params["options"] = " ".join(
-                f"-c {k}={v.replace(' ', chr(92) + ' ')}" for k, v in settings.items())
+            params["options"] = _ops.libpq_options(settings)
         self._params = params
         self._conn: HealingConnection | None = None
 
