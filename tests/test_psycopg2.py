@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from selfheal.psycopg2 import HealingConnection
 
 from . import parity
+from .conftest import seq_next
 from .parity import Database, ErrorSeen, Execute, Options, Outcome, ResultSet, Script
 from .test_parity import dbs  # noqa: F401  (the harness's two databases)
 from .test_wrap import make_drifted
@@ -216,11 +217,6 @@ def ids(admin: psycopg.Connection[Any], table: str = "payments") -> list[int]:
     return [r[0] for r in admin.execute(f"SELECT id FROM {table} ORDER BY id").fetchall()]
 
 
-def seq_next(admin: psycopg.Connection[Any], seq: str = "payments_id_seq") -> int:
-    last, called = admin.execute(f"SELECT last_value, is_called FROM {seq}").fetchone()  # type: ignore[misc]
-    return int(last + 1 if called else last)
-
-
 class TestHeals:
     def test_autocommit(self, admin: psycopg.Connection[Any], dsn: str) -> None:
         make_drifted(admin, 12)
@@ -232,7 +228,7 @@ class TestHeals:
         assert [e["event"] for e in logs] == ["sequence_resynced"]
         assert logs[0]["retry"] == "succeeded" and logs[0]["table"] == "payments"
         assert ids(admin) == list(range(1, 14))
-        assert seq_next(admin) == 14
+        assert seq_next(admin, "public.payments_id_seq") == 14
         conn.close()
 
     def test_statement_that_opens_the_transaction(self, admin: psycopg.Connection[Any],
@@ -309,7 +305,8 @@ class TestHeals:
         with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
             cur.execute("SELECT 1")
         conn.rollback()
-        assert seq_next(admin, "users_id_seq") == 3  # the failed insert drew 2; nothing moved
+        # The failed insert drew 2; nothing moved.
+        assert seq_next(admin, "public.users_id_seq") == 3
         conn.close()
 
     def test_with_block_in_autocommit(self, admin: psycopg.Connection[Any], dsn: str) -> None:
