@@ -5,8 +5,9 @@ SQLAlchemy: make an engine's connections heal, in one line.
     selfheal.sqlalchemy.install(engine)
 
 `install` works for `Engine` and `AsyncEngine` (``create_async_engine``) on the
-``psycopg`` driver, and for `Engine` on ``psycopg2`` (``postgresql://`` and
-``postgresql+psycopg2://``), Core and ORM alike. It replaces the ``connect`` method of
+``psycopg`` driver, for `Engine` on ``psycopg2`` (``postgresql://`` and
+``postgresql+psycopg2://``) and for `AsyncEngine` on ``asyncpg``
+(``postgresql+asyncpg://``), Core and ORM alike. It replaces the ``connect`` method of
 this engine's dialect (the call SQLAlchemy's pool makes after running the
 ``do_connect`` listeners) so that the pool opens `HealingConnection` (or
 `AsyncHealingConnection`) instead of a plain psycopg connection; everything
@@ -42,13 +43,14 @@ __all__ = ["install", "uninstall"]
 E = TypeVar("E", "Engine", "AsyncEngine")
 
 _HEALING: tuple[type[Any], ...] = (HealingConnection, AsyncHealingConnection)
-_DRIVERS = ("psycopg", "psycopg2")
+_DRIVERS = ("psycopg", "psycopg2", "asyncpg")
 
 
 def _healing() -> tuple[type[Any], ...]:
-    # psycopg2's shell counts once an engine of it was installed (it is optional).
-    p2 = sys.modules.get("selfheal.psycopg2")
-    return _HEALING if p2 is None else (*_HEALING, p2.HealingConnection)
+    # The psycopg2 and asyncpg shells count once an engine of theirs was
+    # installed (they are optional).
+    shells = [sys.modules.get(f"selfheal.{name}") for name in ("psycopg2", "asyncpg")]
+    return (*_HEALING, *(m.HealingConnection for m in shells if m is not None))
 
 # What install() put on each engine (its dialect's connect, its listeners), so
 # that a second install() replaces it instead of stacking up, and uninstall()
@@ -64,7 +66,7 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     Connections the pool opened before are replaced when next checked out,
     so calling it later is safe too. `options` configures the healing
     connections (see `HealOptions`). Raises `ValueError` for an engine that
-    is not ``postgresql+psycopg`` or ``postgresql+psycopg2``.
+    is not ``postgresql+psycopg``, ``postgresql+psycopg2`` or ``postgresql+asyncpg``.
 
     ``do_connect`` listeners, added before or after, run as usual and may
     change the connection arguments. Engines built with ``creator=`` or
@@ -78,7 +80,7 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     dialect = sync_engine.dialect
     if dialect.name != "postgresql" or dialect.driver not in _DRIVERS:
         raise ValueError(
-            f"selfheal needs the psycopg (3) or psycopg2 driver, this engine uses"
+            f"selfheal needs the psycopg (3), psycopg2 or asyncpg driver, this engine uses"
             f" {dialect.name}+{dialect.driver}: use a postgresql+psycopg:// URL"
         )
     uninstall(engine)
@@ -87,9 +89,26 @@ def install(engine: E, options: HealOptions | None = None) -> E:
         from .psycopg2 import HealingConnection as Psycopg2HealingConnection
 
         base = Psycopg2HealingConnection
+    elif dialect.driver == "asyncpg":
+        from .asyncpg import HealingConnection as AsyncpgHealingConnection
+
+        base = AsyncpgHealingConnection
     else:
         base = AsyncHealingConnection if dialect.is_async else HealingConnection
     cls: Any = base.with_options(**dataclasses.asdict(options)) if options is not None else base
+    chosen: dict[Any, Any] = {}
+
+    def healing(given: Any) -> Any:
+        # A subclass of the healing class given in connect_args stays (with
+        # `options`, when given); anything else becomes the healing class.
+        if not (isinstance(given, type) and issubclass(given, base)):
+            return cls
+        if options is None:
+            return given
+        found = chosen.get(given)
+        if found is None:
+            found = chosen[given] = given.with_options(**dataclasses.asdict(options))
+        return found
 
     # Not a do_connect listener returning the connection: that would end
     # SQLAlchemy's do_connect chain, so a listener added after install() (the
@@ -97,7 +116,14 @@ def install(engine: E, options: HealOptions | None = None) -> E:
     # would never run. The pool's creator looks up dialect.connect at call
     # time, after every listener; an instance attribute changes this engine's
     # dialect only (each create_engine() makes its own).
-    if dialect.is_async:
+    if dialect.driver == "asyncpg":
+        dbapi = dialect.loaded_dbapi
+
+        def connect(*cargs: Any, **cparams: Any) -> Any:
+            # asyncpg.connect(), as the adapter calls it, on the healing class.
+            return dbapi.connect(*cargs, **{
+                **cparams, "connection_class": healing(cparams.get("connection_class"))})
+    elif dialect.is_async:
         dbapi = dialect.loaded_dbapi
 
         def connect(*cargs: Any, **cparams: Any) -> Any:
@@ -109,11 +135,9 @@ def install(engine: E, options: HealOptions | None = None) -> E:
 
         def connect(*cargs: Any, **cparams: Any) -> Any:
             # psycopg2.connect(), as the dialect calls it, building the
-            # healing class (a subclass of it given in connect_args stays).
-            factory = cparams.get("connection_factory")
-            if not (isinstance(factory, type) and issubclass(factory, cls)):
-                cparams = {**cparams, "connection_factory": cls}
-            return dbapi.connect(*cargs, **cparams)
+            # healing class.
+            return dbapi.connect(*cargs, **{
+                **cparams, "connection_factory": healing(cparams.get("connection_factory"))})
     else:
         def connect(*cargs: Any, **cparams: Any) -> Any:
             # Exactly what the dialect would call, psycopg.connect(), but on

@@ -441,6 +441,84 @@ class TestAsyncio:
         assert isinstance(info.value.orig, pgerrors.UniqueViolation)
 
 
+class TestAsyncpg:
+    """install() on a ``postgresql+asyncpg://`` engine: asyncpg connections that heal,
+    SQLAlchemy's prepared statements and ``executemany`` included."""
+
+    @pytest.fixture
+    async def aengine2(self, dsn: str, engine: Engine) -> AsyncIterator[AsyncEngine]:
+        eng = selfheal.sqlalchemy.install(
+            create_async_engine(sa_url(dsn, "asyncpg"), insertmanyvalues_page_size=5))
+        yield eng
+        await eng.dispose()
+
+    async def test_orm_session_heals(self, aengine2: AsyncEngine,
+                                     conn: psycopg.Connection) -> None:
+        import selfheal.asyncpg
+
+        drift(conn)
+        with capture_logs() as logs:
+            async with AsyncSession(aengine2, expire_on_commit=False) as session:
+                raw = await (await session.connection()).get_raw_connection()
+                assert isinstance(raw.driver_connection, selfheal.asyncpg.HealingConnection)
+                session.add(Log(msg="before"))
+                await session.flush()
+                first = Payment(note="first")
+                session.add(first)
+                await session.flush()
+                async with session.begin_nested():
+                    session.add(Payment(note="nested"))
+                many = [Payment(note=f"many {i}") for i in range(12)]
+                session.add_all(many)
+                await session.commit()
+        [heal] = heals(logs)
+        assert (heal["table"], heal["retry"]) == ("payments", "succeeded")
+        assert first.id == 13
+        assert sorted(p.id for p in many) == list(range(15, 27))
+        assert conn.execute("SELECT count(*), count(DISTINCT id) FROM payments").fetchone() == (
+            26, 26)
+        assert conn.execute("SELECT count(*) FROM log").fetchone() == (1,)
+
+    async def test_bulk_insert_heals_mid_way(self, aengine2: AsyncEngine,
+                                             conn: psycopg.Connection) -> None:
+        drift(conn, 8, 12)
+        async with AsyncSession(aengine2, expire_on_commit=False) as session:
+            payments = [Payment(note=f"bulk {i}") for i in range(20)]
+            session.add_all(payments)
+            await session.commit()
+        assert sorted(p.id for p in payments) == [*range(1, 6), *range(13, 28)]
+
+    async def test_integrity_error(self, aengine2: AsyncEngine) -> None:
+        """An unhealable collision is IntegrityError wrapping asyncpg's error, as usual."""
+        import asyncpg
+
+        async with AsyncSession(aengine2) as session:
+            session.add_all([Customer(email="x@example.com"), Customer(email="x@example.com")])
+            with pytest.raises(exc.IntegrityError) as info:
+                await session.commit()
+        assert isinstance(info.value.orig.__cause__, asyncpg.UniqueViolationError)
+
+    async def test_options_and_connect_args(self, dsn: str) -> None:
+        import selfheal.asyncpg
+
+        class Mine(selfheal.asyncpg.HealingConnection):
+            pass
+
+        eng = selfheal.sqlalchemy.install(
+            create_async_engine(sa_url(dsn, "asyncpg"), connect_args={"connection_class": Mine}),
+            HealOptions(retry=False))
+        async with eng.connect() as c:
+            raw = (await c.get_raw_connection()).driver_connection
+            assert isinstance(raw, Mine) and raw.selfheal_options.retry is False
+        await eng.dispose()
+        eng = selfheal.sqlalchemy.install(create_async_engine(sa_url(dsn, "asyncpg")),
+                                          HealOptions(retry=False))
+        async with eng.connect() as c:
+            raw = (await c.get_raw_connection()).driver_connection
+            assert raw.selfheal_options.retry is False
+        await eng.dispose()
+
+
 class TestReporting:
     @pytest.fixture
     def receiver(self) -> Iterator[Receiver]:
