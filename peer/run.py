@@ -42,7 +42,7 @@ def _run_one(suite: suites.Suite, src: Path, dsn: str, mode: str, args: argparse
         run = suites.django(src, dsn, mode, results, jobs, only)
     else:
         run = suites.sqlalchemy(src, dsn, mode, results, jobs, only=only,
-                                asyncio=suite.name.endswith("asyncio"), full=args.full)
+                                driver=suites.SQLALCHEMY_DRIVERS[suite.name], full=args.full)
     print(f"peer: {suite.name} {label} ... ", end="", flush=True)
     start = time.monotonic()
     try:

@@ -4,7 +4,8 @@ pytest plugin for SQLAlchemy's own suite: record outcomes, optionally heal.
 Loaded with ``-p peer.sqlalchemy_plugin``. It writes every test's outcome to
 ``$PEER_RESULTS``. With ``PEER_SELFHEAL=1`` it applies
 `selfheal.sqlalchemy.install` to every engine the suite creates on the
-psycopg dialect, sync or asyncio, through the dialect's ``engine_created``
+psycopg dialect, sync or asyncio (and on ``$PEER_DRIVER``'s, psycopg2 or
+asyncpg, when set), through the dialect's ``engine_created``
 hook, which ``create_engine()`` calls on the dialect class just before
 returning any engine (also those built by ``sqlalchemy.testing``, by
 ``create_async_engine()`` and by tests calling ``create_engine()`` directly).
@@ -37,30 +38,56 @@ _connections: Counter[str] = Counter()
 _healed: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def _talks_psycopg(engine: Engine) -> bool:
-    # The asyncio dialect's DBAPI is an adapter holding the psycopg module.
+def _drivers() -> dict[str, tuple[type[Any], Any]]:
+    """Per driver, its dialect class and its DBAPI's module (the suite's mocks have others)."""
+    found: dict[str, tuple[type[Any], Any]] = {"psycopg": (PGDialect_psycopg, psycopg)}
+    driver = os.environ.get("PEER_DRIVER", "psycopg")
+    if driver == "psycopg2":
+        import psycopg2
+        from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
+
+        found[driver] = (PGDialect_psycopg2, psycopg2)
+    elif driver == "asyncpg":
+        import asyncpg
+        from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+
+        found[driver] = (PGDialect_asyncpg, asyncpg)
+    return found
+
+
+def _module_of(engine: Engine) -> Any:
+    # An asyncio dialect's DBAPI is an adapter holding the driver's module.
     dbapi = engine.dialect.loaded_dbapi
-    return getattr(dbapi, "psycopg", dbapi) is psycopg
+    for name in ("psycopg", "asyncpg"):
+        inner = getattr(dbapi, name, None)
+        if inner is not None and not callable(inner):
+            return inner
+    return dbapi
 
 
 def _heal_every_engine() -> None:
-    # The classmethod's function, wherever in the MRO it is defined.
-    original = inspect.getattr_static(PGDialect_psycopg, "engine_created").__func__
+    for dialect, module in _drivers().values():
+        _heal_engines_of(dialect, module)
 
-    def engine_created(cls: type[PGDialect_psycopg], engine: Engine) -> None:
+
+def _heal_engines_of(dialect: type[Any], module: Any) -> None:
+    # The classmethod's function, wherever in the MRO it is defined.
+    original = inspect.getattr_static(dialect, "engine_created").__func__
+
+    def engine_created(cls: type[Any], engine: Engine) -> None:
         original(cls, engine)
         # create_engine() calls the hook on two classes for
         # create_async_engine("postgresql+psycopg://"): install once.
-        if _talks_psycopg(engine) and engine not in _healed:
+        if _module_of(engine) is module and engine not in _healed:
             selfheal.sqlalchemy.install(engine)
             _healed.add(engine)
 
-    PGDialect_psycopg.engine_created = classmethod(engine_created)  # type: ignore[assignment,method-assign]
+    dialect.engine_created = classmethod(engine_created)
 
 
 def _note_connection(dbapi_connection: Any, record: Any) -> None:
     driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
-    if isinstance(driver, (psycopg.Connection, psycopg.AsyncConnection)):
+    if type(driver).__module__.split(".")[0] in ("psycopg", "psycopg2", "asyncpg", "selfheal"):
         _connections[class_name(driver)] += 1
 
 

@@ -91,11 +91,21 @@ class Suite:
     package: tuple[str, str]  # the sdist's (name, version)
 
 
+# The psycopg2 and asyncpg dialects: the files about connections,
+# transactions and inserts (the psycopg runs cover types and reflection).
+SQLALCHEMY_DRIVER_FILES = tuple(f for f in SQLALCHEMY_ASYNC_FILES if f != "test/ext/asyncio")
+
 SUITES = (
     Suite("django", DJANGO),
     Suite("sqlalchemy", SQLALCHEMY),
     Suite("sqlalchemy-asyncio", SQLALCHEMY),
+    Suite("sqlalchemy-psycopg2", SQLALCHEMY),
+    Suite("sqlalchemy-asyncpg", SQLALCHEMY),
 )
+
+#: The SQLAlchemy driver each SQLAlchemy suite runs on.
+SQLALCHEMY_DRIVERS = {"sqlalchemy": "psycopg", "sqlalchemy-asyncio": "psycopg_async",
+                      "sqlalchemy-psycopg2": "psycopg2", "sqlalchemy-asyncpg": "asyncpg"}
 
 
 def _env(results: Path, **extra: str) -> dict[str, str]:
@@ -139,21 +149,28 @@ def sqlalchemy_url(dsn: str, driver: str) -> URL:
 
 
 def sqlalchemy(src: Path, dsn: str, mode: str, results: Path, jobs: int, *,
-               asyncio: bool = False, full: bool = False, only: list[str] | None = None
+               driver: str = "psycopg", full: bool = False, only: list[str] | None = None
                ) -> Run:
     """SQLAlchemy's pytest suite with --dburi on a fresh database; `install()` on every engine.
 
-    `only`: these test ids (pytest node ids) instead of the files.
+    `driver`: SQLAlchemy's name of the driver ("psycopg", "psycopg_async",
+    "psycopg2", "asyncpg"). `only`: these test ids (pytest node ids) instead
+    of the files.
     """
-    name = f"{server.PREFIX}sqlalchemy{'_async' if asyncio else ''}_{mode}"
+    name = f"{server.PREFIX}sqlalchemy_{driver}_{mode}"
     db = server.create_database(dsn, name, schemas=SQLALCHEMY_SCHEMAS)
-    url = sqlalchemy_url(db, "psycopg_async" if asyncio else "psycopg")
+    url = sqlalchemy_url(db, driver)
+    asyncio = driver in ("psycopg_async", "asyncpg")
     files: tuple[str, ...]
     skip: tuple[str, ...]
     if full:
         files, skip = (*SQLALCHEMY_FILES, *(["test/ext/asyncio"] if asyncio else [])), ()
-    elif asyncio:
+    elif driver == "psycopg_async":
         files, skip = SQLALCHEMY_ASYNC_FILES, SQLALCHEMY_ASYNC_SLOW
+    elif driver == "asyncpg":
+        files, skip = (*SQLALCHEMY_DRIVER_FILES, "test/ext/asyncio"), SQLALCHEMY_ASYNC_SLOW
+    elif driver == "psycopg2":
+        files, skip = SQLALCHEMY_DRIVER_FILES, ()
     else:
         files, skip = SQLALCHEMY_FILES, SQLALCHEMY_SLOW
     cmd = [sys.executable, "-m", "pytest", "-p", "peer.sqlalchemy_plugin",
@@ -162,7 +179,7 @@ def sqlalchemy(src: Path, dsn: str, mode: str, results: Path, jobs: int, *,
         cmd += only
     else:
         cmd += [*files, *(f"--ignore={path}" for path in skip)]
-    if not full and not asyncio and not only:
+    if not full and driver == "psycopg" and not only:
         cmd += ["-k", " and ".join(f"not {cls}" for cls in SQLALCHEMY_SLOW_CLASSES)]
     if jobs > 1:
         cmd += ["-n", str(jobs)]  # each worker gets a database cloned from `db`
@@ -173,6 +190,7 @@ def sqlalchemy(src: Path, dsn: str, mode: str, results: Path, jobs: int, *,
         # tests that copy, not the SQLAlchemy installed (a pure-Python build).
         PYTHONNOUSERSITE="1",
         PEER_SELFHEAL="1" if mode == "selfheal" else "0",
+        PEER_DRIVER=driver.removesuffix("_async"),
         **({"PGPASSWORD": password} if password else {}),
     )
     return Run(cmd=cmd, cwd=src, env=env, databases=[name])

@@ -65,6 +65,7 @@ _Unique = pgexc.UniqueViolationError
 _Error = asyncpg.PostgresError
 
 _base_execute = asyncpg.Connection.execute
+_base_execute_args = asyncpg.Connection._execute
 _base_do_execute = PreparedStatement._PreparedStatement__do_execute
 
 
@@ -105,8 +106,13 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
     # -- the caller's statements --------------------------------------------------
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        if args or self._selfheal_busy:
-            return await _base_execute(self, query, *args, timeout=timeout)  # type: ignore[no-any-return]
+        if args:
+            # As asyncpg's own execute() with arguments, one call less.
+            self._check_open()
+            _, status, _ = await self._execute(query, args, 0, timeout, return_status=True)
+            return status.decode()  # type: ignore[no-any-return]
+        if self._selfheal_busy:
+            return await _base_execute(self, query, timeout=timeout)  # type: ignore[no-any-return]
 
         async def run() -> Any:
             return await _base_execute(self, query, timeout=timeout)
@@ -118,11 +124,25 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
 
     async def _execute(self, query: str, args: Any, limit: int, timeout: float | None,
                        **kwargs: Any) -> Any:
-        base = super()._execute
         if self._selfheal_busy:
-            return await base(query, args, limit, timeout, **kwargs)
-        return await self._selfheal_run(query, lambda: base(query, args, limit, timeout,
-                                                            **kwargs))
+            return await _base_execute_args(self, query, args, limit, timeout, **kwargs)
+        mode = None
+        if not self._selfheal_failed and self._protocol.is_in_transaction():
+            mode = self._selfheal_planner.plan(_INTRANS, True, query, self,
+                                               self.selfheal_options)
+        if mode is _PASS:
+            # The hot path: inside a transaction, nothing to protect.
+            try:
+                return await _base_execute_args(self, query, args, limit, timeout, **kwargs)
+            except _Unique as ex:
+                self._selfheal_failure()
+                await self._selfheal_heal_only(ex, query)
+                raise
+            except _Error:
+                self._selfheal_failure()
+                raise
+        return await self._selfheal_run(query, lambda: _base_execute_args(
+            self, query, args, limit, timeout, **kwargs), mode=mode)
 
     async def _executemany(self, query: str, args: Iterable[Any], timeout: float | None,
                            **kwargs: Any) -> Any:
@@ -165,12 +185,18 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         self._selfheal_failed = self._protocol.is_in_transaction()
 
     async def _selfheal_run(self, query: str, run: Callable[[], Awaitable[Any]],
-                            prefixed: Callable[[], Awaitable[Any]] | None = None) -> Any:
-        status = self._selfheal_status()
-        planner = self._selfheal_planner
-        if status is _IDLE and planner.facts.due:
-            await self._selfheal_refresh()
-        mode = planner.plan(status, True, query, self, self.selfheal_options)
+                            prefixed: Callable[[], Awaitable[Any]] | None = None,
+                            mode: Mode | None = None) -> Any:
+        """Run the caller's statement `query` (`run`), protected as `selfheal.protect`
+        decides (`mode`, when decided already); heal and retry it once if it collides.
+
+        `prefixed` runs it behind selfheal's savepoint in one string, when it can."""
+        if mode is None:
+            status = self._selfheal_status()
+            planner = self._selfheal_planner
+            if status is _IDLE and planner.facts.due:
+                await self._selfheal_refresh()
+            mode = planner.plan(status, True, query, self, self.selfheal_options)
         if mode is _PASS or mode is _HEAL_ONLY:
             try:
                 value = await run()
