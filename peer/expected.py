@@ -24,6 +24,14 @@ _PATCHED_DBAPI_CONNECT = (
     "the test patches psycopg.connect(); install() opens HealingConnection.connect()"
 )
 
+# The same test on psycopg2, whose dialect install() calls through
+# psycopg2.connect() (with connection_factory): the patched function runs and
+# wraps the healing connection in a proxy of the test's, which install()
+# refuses as a connection it did not build.
+_PROXIED_DBAPI_CONNECT = (
+    "the test wraps psycopg2.connect()'s connections in its own proxy; install() refuses it"
+)
+
 _SQLALCHEMY_BOTH = {
     "test/dialect/postgresql/test_dialect.py::DialectTest::test_ensure_version_is_qualified":
         _REFUSED_OWN_CONNECTION,
@@ -46,6 +54,18 @@ EXPECTED: dict[str, dict[str, str]] = {
                "test_event_handler_didnt_upgrade_disconnect")},
     },
     "sqlalchemy-asyncio": dict(_SQLALCHEMY_BOTH),
+    "sqlalchemy-psycopg2": {
+        **_SQLALCHEMY_BOTH,
+        **{f"test/engine/test_reconnect.py::RealPrePingEventHandlerTest::{test}":
+           _PROXIED_DBAPI_CONNECT for test in (
+               "test_control", "test_downgrade_control",
+               "test_event_handler_can_downgrade_disconnect",
+               "test_event_handler_can_upgrade_disconnect",
+               "test_event_handler_didnt_downgrade_disconnect",
+               "test_event_handler_didnt_upgrade_disconnect")},
+    },
+    "sqlalchemy-asyncpg": {
+        test: why for test, why in _SQLALCHEMY_BOTH.items() if "DialectEventTest" in test},
 }
 
 # SQLAlchemy names a backend test class after the database it runs on

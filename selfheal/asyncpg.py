@@ -163,9 +163,16 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> Any:
         return await self._selfheal_copy(super().copy_records_to_table(table_name, **kwargs))
 
+    async def reset(self, *, timeout: float | None = None) -> None:
+        # The pool's reset between clients (ROLLBACK, RESET ALL and the like)
+        # is not the caller's: it says nothing about the tables.
+        busy, self._selfheal_busy = self._selfheal_busy, True
+        try:
+            await super().reset(timeout=timeout)
+        finally:
+            self._selfheal_busy = busy
+
     async def _reset(self) -> None:
-        # The pool's reset between clients (RESET ALL and the like) is not the
-        # caller's: it says nothing about the tables.
         busy, self._selfheal_busy = self._selfheal_busy, True
         try:
             await super()._reset()

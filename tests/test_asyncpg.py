@@ -431,6 +431,13 @@ class TestPoolAndStorm:
         async with pool.acquire() as conn, conn.transaction():
             assert await conn.fetchval(
                 "INSERT INTO payments (note) VALUES ('pooled') RETURNING id") == 9
+            facts = conn._selfheal_planner.facts
+            epoch = facts.epoch
+        # The pool's reset on release (RESET ALL, CLOSE ALL...) is not taken
+        # for the caller's DDL: what selfheal knows of the tables stays.
+        async with pool.acquire() as conn:
+            assert isinstance(conn._con, HealingConnection)
+        assert facts.epoch == epoch
         assert await pool.fetchval(
             "INSERT INTO payments (note) VALUES ($1) RETURNING id", "p") == 10
         await pool.close()
