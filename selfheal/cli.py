@@ -23,6 +23,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from . import __version__, fleet
+from .conninfo import scrub
 from .errors import SelfhealError, first_line
 from .fleet import FleetReport, SequenceReport
 from .resync import LOCK_TIMEOUT
@@ -201,7 +202,8 @@ def render_table(report: FleetReport, verbose: bool = False) -> str:
             row = [seq.database, f"{found.schema}.{found.table}",
                    "" if key is None else str(key), str(found.next_value)]
             if fix:
-                row.append(str(seq.status.next_value))
+                # A dry run shows where the sequence would go.
+                row.append(str(seq.move_to if report.dry_run else seq.status.next_value))
             row.append(_state(seq, report.dry_run))
             rows.append(row)
     lines: list[str] = []
@@ -224,7 +226,8 @@ def render_json(report: FleetReport) -> str:
     for db in report.databases:
         if db.error is not None:
             items.append({"database": db.target.name, "error": db.error})
-        items += [s.as_dict(fix=report.command == "fix") for s in db.sequences]
+        items += [s.as_dict(fix=report.command == "fix", dry_run=report.dry_run)
+                  for s in db.sequences]
     return json.dumps(items, indent=2) + "\n"
 
 
@@ -323,15 +326,32 @@ def _note(message: str) -> None:
 
 
 def _dsn(arg: str) -> str:
-    """A DSN argument; a bare database name means that database on $DATABASE_URL's server."""
-    if "=" in arg or "://" in arg or not arg or any(c.isspace() or c in "'\\" for c in arg):
+    """A DSN argument; a bare database name means that database on $DATABASE_URL's server
+    (or libpq's defaults: PGHOST, PGUSER, a service file...)."""
+    if not arg or any(c.isspace() or c in "=:/@'\\" for c in arg):
         return arg  # a DSN, or something fleet.plan will report as malformed
     return make_conninfo(os.environ.get("DATABASE_URL", ""), dbname=arg)
 
 
+def _writable(path: str) -> None:
+    """Refuse an --output that cannot be written, before anything is changed."""
+    target = Path(path)
+    if target.is_dir():
+        raise OSError(f"cannot write {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as ex:
+        raise OSError(f"cannot write {path}: {ex.strerror}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def _run(args: argparse.Namespace) -> int:
     url = os.environ.get("DATABASE_URL")
-    dsns = [_dsn(d) for d in args.dsn] if args.dsn else ([url] if url else [])
+    # Neither: libpq's own defaults, as psql uses them.
+    dsns = [_dsn(d) for d in args.dsn] if args.dsn else [url or ""]
+    if args.output is not None:
+        _writable(args.output)
     planned = fleet.plan(
         dsns,
         databases=args.databases,
@@ -371,12 +391,17 @@ def _run(args: argparse.Namespace) -> int:
         text = render_openmetrics(report)
     else:
         text = render_table(report, verbose=args.verbose)
-    if args.format != "table" or args.output is not None:
-        # The report is for machines: still tell the person reading the logs.
-        for db in report.failed:
-            reason = db.error or next(s.error for s in db.sequences if s.error)
-            print(f"selfheal: {db.target.name}: {reason}", file=sys.stderr)
-    _write(text, args.output)
+    # Where a script looks for failures, whatever the report's format and place.
+    for db in report.failed:
+        reason = db.error or next(s.error for s in db.sequences if s.error)
+        print(f"selfheal: {db.target.name}: {reason}", file=sys.stderr)
+    try:
+        _write(text, args.output)
+    except OSError as ex:
+        # What was done must not be lost: the report goes to stdout instead.
+        _write(text, None)
+        print(f"selfheal: error: {ex}; the report went to stdout", file=sys.stderr)
+        return 2
     return report.exit_code
 
 
@@ -390,7 +415,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return demo.main(args_list[1:])
         except SystemExit as ex:
             return ex.code if isinstance(ex.code, int) else 2
+        except KeyboardInterrupt:
+            return 130
+        except (SelfhealError, psycopg.Error) as ex:
+            print(f"selfheal demo: error: {scrub(first_line(ex))}", file=sys.stderr)
+            return 2
     parser = _parser()
+    if not args_list:
+        parser.print_help()
+        return 0
     try:
         args = parser.parse_args(args_list)
     except SystemExit as ex:  # --help, --version and usage errors
@@ -400,10 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SelfhealError, psycopg.Error, OSError) as ex:
         message = first_line(ex)
     except KeyboardInterrupt:
-        message = "interrupted"
+        print("selfheal: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     except Exception as ex:
         if os.environ.get("SELFHEAL_TRACEBACK"):
             raise
         message = f"unexpected {type(ex).__name__}: {ex} (SELFHEAL_TRACEBACK=1 shows where)"
-    print(f"selfheal: error: {message}", file=sys.stderr)
+    print(f"selfheal: error: {scrub(message)}", file=sys.stderr)
     return 2

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .conninfo import InvalidDSN, redact, scrub, validate
 from .errors import SelfhealError, first_line
 from .resync import LOCK_TIMEOUT, ResyncResult, SequenceStatus, check, resync, target_value
 
@@ -130,14 +130,26 @@ class SequenceReport:
         """True when this run moved the sequence."""
         return self.resync is not None and self.resync.changed
 
-    def as_dict(self, fix: bool = False) -> dict[str, Any]:
-        """Plain data for JSON; `fix` adds ``before``, ``after`` and ``changed``."""
+    @property
+    def move_to(self) -> int:
+        """The next value a fix gives the sequence: past its keys, on its stride
+        (its next value as it is when in sync)."""
+        status = self.status
+        key = status.max_value if status.increment > 0 else status.min_value
+        target = target_value(status.next_value, status.increment, key)
+        return status.next_value if target is None else target
+
+    def as_dict(self, fix: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """Plain data for JSON; `fix` adds ``before``, ``after`` and ``changed``,
+        and a `dry_run` ``would_move_to``."""
         data: dict[str, Any] = {"database": self.database, **self.status.as_dict()}
         data["in_sync"] = self.in_sync
         if fix:
             data["before"] = self.found.next_value
             data["after"] = self.status.next_value
             data["changed"] = self.changed
+            if dry_run:
+                data["would_move_to"] = self.move_to
         if self.error is not None:
             data["error"] = self.error
         return data
@@ -193,27 +205,6 @@ class FleetReport:
 # -- targets ---------------------------------------------------------------------
 
 _URL = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(^|&)((?:ssl)?password)=[^&]*")
-_KV_PASSWORD = re.compile(r"\b((?:ssl)?password)\s*=\s*(?:'(?:[^'\\]|\\.)*'|\S+)")
-
-
-def redact(conninfo: str) -> str:
-    """`conninfo` (URL or key=value) with its password replaced by ``***``."""
-    if _URL.match(conninfo):
-        parts = urlsplit(conninfo)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, hosts = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-        query = _URL_PASSWORD.sub(r"\1\2=***", parts.query)
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    try:
-        conninfo_to_dict(conninfo)
-    except psycopg.Error:
-        return "<invalid DSN>"
-    # Edit the text rather than rebuild it, so the DSN reads as it was written.
-    return _KV_PASSWORD.sub(r"\1=***", conninfo)
 
 
 def _dbname(conninfo: str) -> str:
@@ -227,11 +218,12 @@ def _target(conninfo: str) -> Target:
     return Target(conninfo=conninfo, name=_dbname(conninfo))
 
 
-def _validate_dsn(dsn: str) -> None:
+def _validate_dsn(dsn: str, number: int, of: int) -> None:
     try:
-        conninfo_to_dict(dsn)
-    except psycopg.Error as ex:
-        raise FleetError(f"invalid DSN: {first_line(ex)}") from ex
+        validate(dsn)
+    except InvalidDSN as ex:
+        which = f" #{number} of {of}" if of > 1 else ""
+        raise FleetError(f"invalid DSN{which} ({redact(dsn)}): {ex}") from None
 
 
 def _validate_like(pattern: str, what: str) -> None:
@@ -314,8 +306,8 @@ def plan(
     """
     if not dsns:
         raise FleetError("no DSN given and DATABASE_URL is not set")
-    for dsn in dsns:
-        _validate_dsn(dsn)
+    for number, dsn in enumerate(dsns, 1):
+        _validate_dsn(dsn, number, len(dsns))
     if databases is not None:
         _validate_like(databases, "database")
     targets: list[Target] = []
@@ -404,7 +396,7 @@ def _check_one(
         with _connect(target, connect_timeout, lock_timeout) as conn:
             found = check(conn, schema, tables=tables)
     except (psycopg.Error, SelfhealError) as ex:
-        return DatabaseReport(target, error=first_line(ex))
+        return DatabaseReport(target, error=scrub(first_line(ex)))
     return DatabaseReport(target, [SequenceReport(target.name, s) for s in found])
 
 
@@ -422,11 +414,11 @@ def _fix_one(
                     result = resync(conn, seq.found.table, seq.found.schema,
                                     lock_timeout=lock_timeout)
                 except (psycopg.Error, SelfhealError) as ex:
-                    done.append(replace(seq, error=first_line(ex)))
+                    done.append(replace(seq, error=scrub(first_line(ex))))
                 else:
                     done.append(replace(seq, resync=result))
     except psycopg.Error as ex:
-        return replace(db, error=first_line(ex))
+        return replace(db, error=scrub(first_line(ex)))
     return replace(db, sequences=done)
 
 

