@@ -392,6 +392,13 @@ class TestManagementCommands:
             f"CommandError: table 'nope' not found in database {dj_name(shop)!r}"
             " (or it has no sequence-backed primary key)"]
 
+    def test_unknown_database_alias(self, shop: str) -> None:
+        """--database naming no configured alias: one CommandError line, exit 2."""
+        out = dj.manage(shop, "selfheal_check", "--database", "nosuch")
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines() == [
+            "CommandError: no database 'nosuch' in settings.DATABASES (configured: default)"]
+
     def test_fix_failure(self, shop: str) -> None:
         """A sequence that cannot move is reported; the others are fixed; exit 2."""
         drift(shop)

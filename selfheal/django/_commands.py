@@ -52,7 +52,12 @@ class SequenceCommand(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         dry_run = bool(options.get("dry_run"))
-        db = connections[options["database"]]
+        alias = options["database"]
+        if alias not in connections.settings:
+            known = ", ".join(sorted(connections.settings)) or "none"
+            raise CommandError(f"no database {alias!r} in settings.DATABASES (configured:"
+                               f" {known})", returncode=2)
+        db = connections[alias]
         started = time.monotonic()
         try:
             db.ensure_connection()
