@@ -27,8 +27,11 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ._drive import run
 from .conninfo import InvalidDSN, redact, scrub, validate
+from .discover import list_tables
 from .errors import SelfhealError, first_line
+from .names import TableName, parse_table_name, suggest
 from .resync import LOCK_TIMEOUT, ResyncResult, SequenceStatus, check, resync, target_value
 
 __all__ = [
@@ -388,16 +391,39 @@ def _connect(target: Target, connect_timeout: float, lock_timeout: float
 def _check_one(
     target: Target,
     schema: str | None,
-    tables: list[str] | None,
+    tables: list[TableName] | None,
     connect_timeout: float,
     lock_timeout: float,
 ) -> DatabaseReport:
+    relnames = sorted({n for t in tables for n in t.names}) if tables else None
     try:
         with _connect(target, connect_timeout, lock_timeout) as conn:
-            found = check(conn, schema, tables=tables)
+            found = check(conn, schema, tables=relnames)
     except (psycopg.Error, SelfhealError) as ex:
         return DatabaseReport(target, error=scrub(first_line(ex)))
+    if tables:
+        found = [s for s in found if any(t.matches(s.schema, s.table) for t in tables)]
     return DatabaseReport(target, [SequenceReport(target.name, s) for s in found])
+
+
+def _table_names(tables: list[str] | None) -> list[TableName] | None:
+    if not tables:
+        return None
+    try:
+        return [parse_table_name(t) for t in tables]
+    except ValueError as ex:
+        raise FleetError(str(ex)) from None
+
+
+def _existing(target: Target, schema: str | None, connect_timeout: float
+              ) -> list[tuple[str, str]]:
+    """The tables with a sequence-backed key in `target` (for suggestions; [] on failure)."""
+    try:
+        with _connect(target, connect_timeout, LOCK_TIMEOUT) as conn:
+            infos = run(conn, list_tables([schema] if schema else None))
+    except (psycopg.Error, SelfhealError):
+        return []
+    return [(i.schema, i.table) for i in infos]
 
 
 def _fix_one(
@@ -454,7 +480,8 @@ def _map(
 
 
 def _missing(
-    reports: list[DatabaseReport], schema: str | None, tables: list[str] | None
+    reports: list[DatabaseReport], schema: str | None, tables: list[TableName] | None,
+    connect_timeout: float,
 ) -> str | None:
     """Why the filters look wrong: a table or schema found in no database checked."""
     checked = [db for db in reports if db.error is None]
@@ -462,11 +489,13 @@ def _missing(
         return None
     where = checked[0].target.display if len(reports) == 1 else f"any of {len(reports)} databases"
     in_schema = f" in schema {schema!r}" if schema else ""
-    found = {s.found.table for db in checked for s in db.sequences}
+    found = [(s.found.schema, s.found.table) for db in checked for s in db.sequences]
     for table in tables or []:
-        if table not in found:
-            return (f"table {table!r} not found{in_schema} in {where}"
-                    " (or it has no sequence-backed primary key)")
+        if not any(table.matches(*f) for f in found):
+            close = suggest(table, _existing(checked[0].target, schema, connect_timeout))
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            return (f"table {table.text!r} not found{in_schema} in {where}"
+                    f" (or it has no sequence-backed primary key){hint}")
     if not found:
         return f"no table with a sequence-backed primary key in schema {schema!r} in {where}"
     return None
@@ -497,12 +526,13 @@ def check_fleet(
     _validate_jobs(jobs)
     if schema is not None:
         _validate_like(schema, "schema")
+    names = _table_names(tables)
     started = time.monotonic()
     reports = _map(
-        lambda t: _check_one(t, schema, tables, connect_timeout, lock_timeout),
+        lambda t: _check_one(t, schema, names, connect_timeout, lock_timeout),
         list(targets), jobs, "check", progress,
     )
-    problem = _missing(reports, schema, tables)
+    problem = _missing(reports, schema, names, connect_timeout)
     if problem:
         raise FleetError(problem)
     return FleetReport("check", reports, elapsed=time.monotonic() - started)

@@ -397,6 +397,36 @@ class TestErrors:
         assert next_value(dsn, "public.users_id_seq") == 1
         assert run(capsys, "check", dsn, "--table", "nope")[0] == 2
 
+    def test_table_names_as_printed(self, capsys: pytest.CaptureFixture[str],
+                                    conn: psycopg.Connection, dsn: str) -> None:
+        """--table takes what selfheal prints and what psql takes: schema-qualified,
+        double-quoted; a name matching nothing gets suggestions."""
+        seed(conn, users=5)
+        conn.execute('CREATE TABLE "Invoice Lines" (id serial PRIMARY KEY)')
+        conn.execute('INSERT INTO "Invoice Lines" (id) VALUES (1), (2)')
+        conn.execute("CREATE SCHEMA shop")
+        conn.execute("CREATE TABLE shop.users (id serial PRIMARY KEY)")
+        for spelling, expected in [
+            ("public.users", {"public.users"}),
+            ("users", {"public.users", "shop.users"}),
+            ("USERS", {"public.users", "shop.users"}),  # unquoted folds to lower case
+            ('"Invoice Lines"', {"public.Invoice Lines"}),
+            ('public."Invoice Lines"', {"public.Invoice Lines"}),
+            ("shop.users", {"shop.users"}),
+        ]:
+            code, rows = run_json(capsys, "check", dsn, "--table", spelling)
+            assert {f"{r['schema']}.{r['table']}" for r in rows} == expected, spelling
+        code, out, err = run(capsys, "fix", dsn, "--table", "usres")
+        assert code == 2 and out == ""
+        assert one_line_error(err).endswith("; did you mean 'users'?")
+        code, out, err = run(capsys, "check", dsn, "--table", "public.invoice_lines")
+        assert code == 2
+        assert """; did you mean 'public."Invoice Lines"' or '"Invoice Lines"'""" \
+            in one_line_error(err)
+        code, out, err = run(capsys, "fix", dsn, "--table", '"Invoice Lines')
+        assert code == 2 and "unterminated quote" in one_line_error(err)
+        assert next_value(dsn, "public.users_id_seq") == 1
+
     def test_unknown_table_in_tenants(self, capsys: pytest.CaptureFixture[str],
                                       make_db: Callable[..., str], server_dsn: str) -> None:
         """A table found in no tenant is an error; found in some tenants it is not."""

@@ -22,6 +22,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from ..cli import _seconds, render_json, render_table
 from ..errors import SelfhealError, first_line
 from ..fleet import DatabaseReport, FleetReport, SequenceReport, Target
+from ..names import TableName, parse_table_name
 from ..resync import LOCK_TIMEOUT, check, resync
 
 
@@ -60,14 +61,20 @@ class SequenceCommand(BaseCommand):
         db = connections[alias]
         started = time.monotonic()
         try:
+            tables = [parse_table_name(t) for t in options["table"] or []]
+        except ValueError as ex:
+            raise CommandError(str(ex), returncode=2) from None
+        relnames = sorted({n for t in tables for n in t.names}) or None
+        try:
             db.ensure_connection()
             conn: psycopg.Connection[Any] = db.connection
             name = conn.info.dbname
             seqs = [SequenceReport(name, s) for s in check(conn, options["schema"],
-                                                           tables=options["table"])]
+                                                           tables=relnames)
+                    if not tables or any(t.matches(s.schema, s.table) for t in tables)]
         except (SelfhealError, psycopg.Error, DatabaseError) as ex:
             raise CommandError(first_line(ex), returncode=2) from ex
-        problem = _missing(seqs, name, options["schema"], options["table"])
+        problem = _missing(seqs, name, options["schema"], tables)
         if problem:
             raise CommandError(problem, returncode=2)
         if self.fix and not dry_run:
@@ -107,13 +114,13 @@ class SequenceCommand(BaseCommand):
 
 
 def _missing(seqs: list[SequenceReport], name: str, schema: str | None,
-             tables: list[str] | None) -> str | None:
+             tables: list[TableName]) -> str | None:
     """Why the filters look wrong: a table or schema that matched nothing."""
-    found = {s.found.table for s in seqs}
+    found = [(s.found.schema, s.found.table) for s in seqs]
     in_schema = f" in schema {schema!r}" if schema else ""
-    for table in tables or []:
-        if table not in found:
-            return (f"table {table!r} not found{in_schema} in database {name!r}"
+    for table in tables:
+        if not any(table.matches(*f) for f in found):
+            return (f"table {table.text!r} not found{in_schema} in database {name!r}"
                     " (or it has no sequence-backed primary key)")
     if schema and not found:
         return f"no table with a sequence-backed primary key in schema {schema!r} in {name!r}"
