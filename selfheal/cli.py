@@ -37,7 +37,8 @@ examples:
   selfheal fix --dry-run --table orders --table payments
   selfheal check --databases 'tenant%' --jobs 8 --format openmetrics --output drift.prom
   selfheal fix --databases 'tenant%' --shard "$JOB_COMPLETION_INDEX/8"
-  selfheal check --schema 'tenant_%'               # schema per tenant
+  selfheal check --schema 'tenant\\_%'              # schema per tenant
+  selfheal check --databases 'tenant%' --exclude-database 'tenant\\_archive%'
 
 exit codes: 0 all in sync, 1 drift found (or left by --dry-run), 2 error
 """
@@ -85,7 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--table", action="append", metavar="NAME",
                        help="only this table (repeatable)")
     where.add_argument("--schema", metavar="NAME_OR_PATTERN",
-                       help="only schemas matching this SQL LIKE pattern, e.g. 'tenant_%%'")
+                       help="only schemas matching this SQL LIKE pattern, e.g. 'tenant\\_%%'"
+                            " (_ alone matches any one character)")
+    where.add_argument("--exclude-schema", action="append", metavar="PATTERN",
+                       help="leave out schemas matching this LIKE pattern (repeatable)")
+    where.add_argument("--exclude-database", action="append", metavar="PATTERN",
+                       help="leave out databases matching this LIKE pattern (repeatable)")
     tenants = where.add_mutually_exclusive_group()
     tenants.add_argument("--databases", metavar="PATTERN",
                          help="every database on the DSN's server matching this LIKE pattern")
@@ -357,6 +363,7 @@ def _run(args: argparse.Namespace) -> int:
         databases=args.databases,
         all_databases=args.all_databases,
         tenants_query=args.tenants_query,
+        exclude_databases=args.exclude_database or (),
         connect_timeout=args.connect_timeout,
     )
     for skipped in planned.skipped:
@@ -372,6 +379,7 @@ def _run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "schema": args.schema,
         "tables": args.table,
+        "exclude_schemas": args.exclude_schema,
         "jobs": args.jobs,
         "connect_timeout": args.connect_timeout,
         "lock_timeout": args.lock_timeout,

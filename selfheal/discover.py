@@ -186,11 +186,13 @@ def detect(schema: str, table: str, constraint: str) -> Operation[TableInfo | No
 def list_tables(
     schemas: Sequence[str] | None = None,
     tables: Sequence[str] | None = None,
+    exclude_schemas: Sequence[str] | None = None,
 ) -> Operation[list[TableInfo]]:
     """List every table with a sequence-backed key, roots only (not partitions).
 
     `schemas` and `tables` narrow the list; schema entries may be SQL LIKE
-    patterns (``tenant_%``). System schemas are always left out. Raises
+    patterns (``tenant\\_%``), and so may `exclude_schemas`, schemas left
+    out. System schemas are always left out. Raises
     `errors.PermissionDenied` naming what the role cannot read.
     """
     conds: list[sql.Composable] = [
@@ -203,6 +205,8 @@ def list_tables(
         conds.append(sql.SQL("n.nspname LIKE ANY ({})").format(list(schemas)))
     if tables:
         conds.append(sql.SQL("c.relname = ANY ({})").format(list(tables)))
+    if exclude_schemas:
+        conds.append(sql.SQL("NOT n.nspname LIKE ANY ({})").format(list(exclude_schemas)))
     rows = yield Query(_TABLES.format(where=sql.SQL(" AND ").join(conds)))
     seen: set[tuple[str, str]] = set()
     infos: list[TableInfo] = []

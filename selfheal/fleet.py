@@ -229,6 +229,22 @@ def _validate_dsn(dsn: str, number: int, of: int) -> None:
         raise FleetError(f"invalid DSN{which} ({redact(dsn)}): {ex}") from None
 
 
+def like_regex(pattern: str) -> re.Pattern[str]:
+    """SQL LIKE `pattern` (``%``, ``_``, ``\\`` escaping) as a regular expression."""
+    out: list[str] = []
+    chars = iter(pattern)
+    for c in chars:
+        if c == "\\":
+            out.append(re.escape(next(chars, "\\")))
+        elif c == "%":
+            out.append(".*")
+        elif c == "_":
+            out.append(".")
+        else:
+            out.append(re.escape(c))
+    return re.compile("".join(out), re.DOTALL)
+
+
 def _validate_like(pattern: str, what: str) -> None:
     # An odd run of trailing backslashes escapes nothing; PostgreSQL rejects it.
     trailing = len(pattern) - len(pattern.rstrip("\\"))
@@ -296,6 +312,7 @@ def plan(
     databases: str | None = None,
     all_databases: bool = False,
     tenants_query: str | None = None,
+    exclude_databases: Sequence[str] = (),
     connect_timeout: float = CONNECT_TIMEOUT,
 ) -> Plan:
     """Expand DSNs into the databases to visit, sorted by name.
@@ -304,8 +321,9 @@ def plan(
     pattern) or `all_databases` list the databases of each DSN's server,
     skipping templates and databases that refuse connections; `tenants_query`
     is run on each DSN and returns database names (reached with the DSN's
-    other parameters) or full DSNs. Raises `FleetError` for a malformed DSN, a
-    failing listing or an empty result.
+    other parameters) or full DSNs. Databases whose name matches one of the
+    LIKE patterns `exclude_databases` are left out. Raises `FleetError` for a
+    malformed DSN, a failing listing or an empty result.
     """
     if not dsns:
         raise FleetError("no DSN given and DATABASE_URL is not set")
@@ -313,6 +331,9 @@ def plan(
         _validate_dsn(dsn, number, len(dsns))
     if databases is not None:
         _validate_like(databases, "database")
+    for pattern in exclude_databases:
+        _validate_like(pattern, "database")
+    excluded = [like_regex(p) for p in exclude_databases]
     targets: list[Target] = []
     skipped: list[Skipped] = []
     for dsn in dsns:
@@ -325,10 +346,14 @@ def plan(
             targets += _run_tenants_query(dsn, tenants_query, connect_timeout)
         else:
             targets.append(_target(dsn))
+    if excluded:
+        targets = [t for t in targets if not any(r.fullmatch(t.name) for r in excluded)]
     unique = {_identity(t): t for t in targets}
     ordered = sorted(unique.values(), key=lambda t: (t.name, t.display))
     if not ordered:
         where = ", ".join(redact(d) for d in dsns)
+        if excluded:
+            raise FleetError(f"no database left to visit on {where} after --exclude-database")
         if databases is not None:
             raise FleetError(f"no database matching {databases!r} on {where}")
         raise FleetError(f"no database to visit: the tenants query returned none on {where}")
@@ -392,13 +417,14 @@ def _check_one(
     target: Target,
     schema: str | None,
     tables: list[TableName] | None,
+    exclude_schemas: list[str] | None,
     connect_timeout: float,
     lock_timeout: float,
 ) -> DatabaseReport:
     relnames = sorted({n for t in tables for n in t.names}) if tables else None
     try:
         with _connect(target, connect_timeout, lock_timeout) as conn:
-            found = check(conn, schema, tables=relnames)
+            found = check(conn, schema, tables=relnames, exclude_schemas=exclude_schemas)
     except (psycopg.Error, SelfhealError) as ex:
         return DatabaseReport(target, error=scrub(first_line(ex)))
     if tables:
@@ -511,6 +537,7 @@ def check_fleet(
     *,
     schema: str | None = None,
     tables: list[str] | None = None,
+    exclude_schemas: list[str] | None = None,
     jobs: int = DEFAULT_JOBS,
     connect_timeout: float = CONNECT_TIMEOUT,
     lock_timeout: float = LOCK_TIMEOUT,
@@ -520,16 +547,20 @@ def check_fleet(
 
     Costs one connection and a constant number of round trips per database,
     whatever its number of tables. `schema` may be a LIKE pattern (schema per
-    tenant). Raises `FleetError` when `tables` or `schema` match nothing in
-    any database that could be checked.
+    tenant: ``tenant\\_%``), and so may each of `exclude_schemas`, schemas
+    left out. `tables` as ``--table`` takes them (see `selfheal.names`).
+    Raises `FleetError` when `tables` or `schema` match nothing in any
+    database that could be checked.
     """
     _validate_jobs(jobs)
     if schema is not None:
         _validate_like(schema, "schema")
+    for pattern in exclude_schemas or []:
+        _validate_like(pattern, "schema")
     names = _table_names(tables)
     started = time.monotonic()
     reports = _map(
-        lambda t: _check_one(t, schema, names, connect_timeout, lock_timeout),
+        lambda t: _check_one(t, schema, names, exclude_schemas, connect_timeout, lock_timeout),
         list(targets), jobs, "check", progress,
     )
     problem = _missing(reports, schema, names, connect_timeout)
@@ -543,6 +574,7 @@ def fix_fleet(
     *,
     schema: str | None = None,
     tables: list[str] | None = None,
+    exclude_schemas: list[str] | None = None,
     dry_run: bool = False,
     jobs: int = DEFAULT_JOBS,
     connect_timeout: float = CONNECT_TIMEOUT,
@@ -558,8 +590,8 @@ def fix_fleet(
     """
     started = time.monotonic()
     found = check_fleet(
-        targets, schema=schema, tables=tables, jobs=jobs, connect_timeout=connect_timeout,
-        lock_timeout=lock_timeout, progress=progress,
+        targets, schema=schema, tables=tables, exclude_schemas=exclude_schemas, jobs=jobs,
+        connect_timeout=connect_timeout, lock_timeout=lock_timeout, progress=progress,
     )
     databases = found.databases
     todo = [db for db in databases if db.error is None and db.drifted]

@@ -388,9 +388,10 @@ def status_of(info: TableInfo, row: Sequence[Any]) -> SequenceStatus:
 def _check_op(
     schemas: list[str] | None,
     tables: list[str] | None,
+    exclude_schemas: list[str] | None = None,
     chunk: int = 500,
 ) -> Operation[list[SequenceStatus]]:
-    infos = yield from list_tables(schemas, tables)
+    infos = yield from list_tables(schemas, tables, exclude_schemas)
     batches = [status_query(infos[start : start + chunk], start)
                for start in range(0, len(infos), chunk)]
     results: list[Any] = []
@@ -441,13 +442,16 @@ def check(
     schema: str | None = None,
     *,
     tables: list[str] | None = None,
+    exclude_schemas: list[str] | None = None,
 ) -> list[SequenceStatus]:
     """Report every sequence-backed primary key in the database (or `schema`).
 
-    `schema` may be a LIKE pattern (``tenant_%``). Costs a constant number of
-    round trips whatever the number of tables. Moves nothing.
+    `schema` may be a LIKE pattern (``tenant\\_%``: ``_`` alone matches any
+    character), and so may `exclude_schemas`, schemas left out. Costs a
+    constant number of round trips whatever the number of tables. Moves
+    nothing.
     """
-    op = _check_op([schema] if schema else None, tables)
+    op = _check_op([schema] if schema else None, tables, exclude_schemas)
     try:
         return run(conn, scoped(conn.info.transaction_status, op))
     except psycopg.Error as ex:
@@ -459,9 +463,10 @@ async def acheck(
     schema: str | None = None,
     *,
     tables: list[str] | None = None,
+    exclude_schemas: list[str] | None = None,
 ) -> list[SequenceStatus]:
     """The async twin of `check`."""
-    op = _check_op([schema] if schema else None, tables)
+    op = _check_op([schema] if schema else None, tables, exclude_schemas)
     try:
         return await arun(aconn, scoped(aconn.info.transaction_status, op))
     except psycopg.Error as ex:

@@ -232,6 +232,20 @@ class TestTenantDatabases:
         assert run(capsys, "check", server_dsn, "--databases", pattern)[0] == 0
         assert run(capsys, "check", other)[0] == 1
 
+    def test_exclude_database(self, capsys: pytest.CaptureFixture[str],
+                              make_db: Callable[..., str], server_dsn: str) -> None:
+        """--exclude-database leaves the matching databases out of --databases."""
+        prefix = unique_prefix()
+        tenants = make_tenants(make_db, prefix, 3)
+        code, rows = run_json(capsys, "check", server_dsn, "--databases", like(prefix),
+                              "--exclude-database", like(prefix) + "%1")
+        assert sorted({r["database"] for r in rows}) == sorted(
+            dbname(t) for t in tenants if not dbname(t).endswith("1"))
+        code, _, err = run(capsys, "fix", server_dsn, "--databases", like(prefix),
+                           "--exclude-database", like(prefix))
+        assert code == 2 and "no database left to visit" in one_line_error(err)
+        assert all(next_value(t, "public.users_id_seq") == 1 for t in tenants)
+
     def test_shard_covers_every_tenant_once(
         self, capsys: pytest.CaptureFixture[str], make_db: Callable[..., str], server_dsn: str
     ) -> None:
@@ -359,6 +373,23 @@ class TestSchemaPerTenant:
         assert next_value(dsn, "public.users_id_seq") == 1
         assert run(capsys, "check", dsn, "--schema", "tenant\\_%")[0] == 0
         assert run(capsys, "check", dsn)[0] == 1
+
+    def test_escaped_pattern_and_exclusions(self, capsys: pytest.CaptureFixture[str],
+                                            conn: psycopg.Connection, dsn: str) -> None:
+        """'tenant\\_%' does not match 'tenantxc' ('_' alone would); --exclude-schema
+        leaves matching schemas out."""
+        for schema in ("tenant_a", "tenant_b", "tenantxc", "tenant_archive"):
+            seed(conn, schema, users=3)
+        code, rows = run_json(capsys, "check", dsn, "--schema", "tenant\\_%")
+        assert {r["schema"] for r in rows} == {"tenant_a", "tenant_b", "tenant_archive"}
+        code, rows = run_json(capsys, "check", dsn, "--schema", "tenant_%")
+        assert "tenantxc" in {r["schema"] for r in rows}  # what LIKE means by _
+        assert run(capsys, "fix", dsn, "--schema", "tenant\\_%", "--exclude-schema",
+                   "tenant\\_archive", "--exclude-schema", "tenant\\_b")[0] == 0
+        assert [next_value(dsn, f"{s}.users_id_seq") for s in (
+            "tenant_a", "tenant_b", "tenantxc", "tenant_archive")] == [4, 1, 1, 1]
+        code, _, err = run(capsys, "check", dsn, "--exclude-schema", "bad\\")
+        assert code == 2 and "bad schema pattern" in one_line_error(err)
 
     def test_schema_name_and_table(self, capsys: pytest.CaptureFixture[str],
                                    conn: psycopg.Connection, dsn: str) -> None:

@@ -41,7 +41,7 @@ class SequenceCommand(BaseCommand):
         parser.add_argument("--table", action="append", metavar="NAME",
                             help="only this table (repeatable)")
         parser.add_argument("--schema", metavar="NAME_OR_PATTERN",
-                            help="only schemas matching this SQL LIKE pattern, e.g. 'tenant_%%'")
+                            help="only schemas matching this SQL LIKE pattern, e.g. 'tenant\\_%%'")
         parser.add_argument("--json", action="store_true",
                             help="a JSON array, one object per sequence")
         parser.add_argument("--lock-timeout", type=_seconds, default=LOCK_TIMEOUT,
