@@ -200,6 +200,9 @@ def render_table(report: FleetReport, verbose: bool = False) -> str:
             rows.append([db.target.name, "-", "", ""] + ([""] if fix else [])
                         + [f"error: {db.error}"])
             continue
+        for schema, table, why in db.unreadable:
+            rows.append([db.target.name, f"{schema}.{table}", "", ""] + ([""] if fix else [])
+                        + [f"error: {why}"])
         for seq in db.sequences:
             if not (verbose or seq.changed or not seq.in_sync):
                 continue
@@ -232,6 +235,8 @@ def render_json(report: FleetReport) -> str:
     for db in report.databases:
         if db.error is not None:
             items.append({"database": db.target.name, "error": db.error})
+        items += [{"database": db.target.name, "schema": schema, "table": table, "error": why}
+                  for schema, table, why in db.unreadable]
         items += [s.as_dict(fix=report.command == "fix", dry_run=report.dry_run)
                   for s in db.sequences]
     return json.dumps(items, indent=2) + "\n"
@@ -401,8 +406,14 @@ def _run(args: argparse.Namespace) -> int:
         text = render_table(report, verbose=args.verbose)
     # Where a script looks for failures, whatever the report's format and place.
     for db in report.failed:
-        reason = db.error or next(s.error for s in db.sequences if s.error)
-        print(f"selfheal: {db.target.name}: {reason}", file=sys.stderr)
+        if db.error is not None:
+            print(f"selfheal: {db.target.name}: {db.error}", file=sys.stderr)
+        for schema, table, why in db.unreadable:
+            print(f"selfheal: {db.target.name}: {schema}.{table}: {why}", file=sys.stderr)
+        for s in db.sequences:
+            if s.error is not None:
+                print(f"selfheal: {db.target.name}: {s.found.schema}.{s.found.table}:"
+                      f" {s.error}", file=sys.stderr)
     try:
         _write(text, args.output)
     except OSError as ex:

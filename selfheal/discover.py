@@ -20,7 +20,8 @@ from psycopg.rows import TupleRow
 from . import errors
 from ._ops import Operation, Query
 
-__all__ = ["TableInfo", "describe", "detect", "list_tables", "named_query", "relations"]
+__all__ = ["TableInfo", "Unreadable", "describe", "detect", "list_readable", "list_tables",
+           "named_query", "relations"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ SELECT n.nspname, c.relname, k.attname, k.conname,
        k.seqschema, k.seqname, k.seqid,
        k.seqincrement, k.seqmin, k.seqmax, k.seqcache,
        has_column_privilege(c.oid, k.attnum, 'SELECT')
-         AND has_sequence_privilege(k.seqid::oid, 'SELECT') AS readable
+         AND has_sequence_privilege(k.seqid::oid, 'SELECT') AS readable,
+       has_column_privilege(c.oid, k.attnum, 'SELECT'),
+       has_sequence_privilege(k.seqid::oid, 'SELECT')
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN LATERAL (
@@ -183,18 +186,22 @@ def detect(schema: str, table: str, constraint: str) -> Operation[TableInfo | No
     return _to_info(rows[0])
 
 
-def list_tables(
+@dataclass(frozen=True)
+class Unreadable:
+    """A table with a sequence-backed key that this role cannot check."""
+
+    info: TableInfo
+    #: What the role lacks, e.g. "SELECT on sequence public.orders_id_seq".
+    needs: str
+
+
+def list_readable(
     schemas: Sequence[str] | None = None,
     tables: Sequence[str] | None = None,
     exclude_schemas: Sequence[str] | None = None,
-) -> Operation[list[TableInfo]]:
-    """List every table with a sequence-backed key, roots only (not partitions).
-
-    `schemas` and `tables` narrow the list; schema entries may be SQL LIKE
-    patterns (``tenant\\_%``), and so may `exclude_schemas`, schemas left
-    out. System schemas are always left out. Raises
-    `errors.PermissionDenied` naming what the role cannot read.
-    """
+) -> Operation[tuple[list[TableInfo], list[Unreadable]]]:
+    """As `list_tables`, but the tables the role cannot read are returned apart,
+    each with the privilege it lacks, instead of raised."""
     conds: list[sql.Composable] = [
         sql.SQL("NOT c.relispartition"),
         sql.SQL("k.seqid IS NOT NULL"),
@@ -210,19 +217,40 @@ def list_tables(
     rows = yield Query(_TABLES.format(where=sql.SQL(" AND ").join(conds)))
     seen: set[tuple[str, str]] = set()
     infos: list[TableInfo] = []
-    denied: list[str] = []
+    denied: list[Unreadable] = []
     for row in rows:
         if (row[0], row[1]) in seen:
             continue
         seen.add((row[0], row[1]))
         info = _to_info(row)
-        if not row[11]:
-            denied.append(f"{info.qualified_table} or {info.sequence}")
-        infos.append(info)
+        if row[11]:
+            infos.append(info)
+            continue
+        needs = [f"SELECT on column {info.qualified_table}.{_quote(info.column)}"] \
+            if not row[12] else []
+        if not row[13]:
+            needs.append(f"SELECT on sequence {info.sequence}")
+        denied.append(Unreadable(info, " and ".join(needs)))
+    return infos, denied
+
+
+def list_tables(
+    schemas: Sequence[str] | None = None,
+    tables: Sequence[str] | None = None,
+    exclude_schemas: Sequence[str] | None = None,
+) -> Operation[list[TableInfo]]:
+    """List every table with a sequence-backed key, roots only (not partitions).
+
+    `schemas` and `tables` narrow the list; schema entries may be SQL LIKE
+    patterns (``tenant\\_%``), and so may `exclude_schemas`, schemas left
+    out. System schemas are always left out. Raises
+    `errors.PermissionDenied` naming what the role cannot read.
+    """
+    infos, denied = yield from list_readable(schemas, tables, exclude_schemas)
     if denied:
         raise errors.PermissionDenied(
-            "selfheal needs SELECT on these tables' key columns and sequences: "
-            + ", ".join(denied),
+            "selfheal needs " + "; ".join(f"{d.needs} (table {d.info.qualified_table})"
+                                          for d in denied),
             sqlstate="42501",
         )
     return infos

@@ -32,7 +32,14 @@ from .conninfo import InvalidDSN, redact, scrub, validate
 from .discover import list_tables
 from .errors import SelfhealError, first_line
 from .names import TableName, parse_table_name, suggest
-from .resync import LOCK_TIMEOUT, ResyncResult, SequenceStatus, check, resync, target_value
+from .resync import (
+    LOCK_TIMEOUT,
+    ResyncResult,
+    SequenceStatus,
+    check_readable,
+    resync,
+    target_value,
+)
 
 __all__ = [
     "DEFAULT_JOBS",
@@ -166,11 +173,14 @@ class DatabaseReport:
     sequences: list[SequenceReport] = field(default_factory=list)
     #: Why the database could not be checked (connection, permission, lock timeout).
     error: str | None = None
+    #: Tables that could not be checked, as (schema, table, why): the others were.
+    unreadable: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
-        """True when the database or any of its resyncs failed."""
-        return self.error is not None or any(s.error is not None for s in self.sequences)
+        """True when the database, any of its tables or any of its resyncs failed."""
+        return (self.error is not None or bool(self.unreadable)
+                or any(s.error is not None for s in self.sequences))
 
     @property
     def drifted(self) -> list[SequenceReport]:
@@ -424,12 +434,17 @@ def _check_one(
     relnames = sorted({n for t in tables for n in t.names}) if tables else None
     try:
         with _connect(target, connect_timeout, lock_timeout) as conn:
-            found = check(conn, schema, tables=relnames, exclude_schemas=exclude_schemas)
+            found, unreadable = check_readable(conn, schema, tables=relnames,
+                                               exclude_schemas=exclude_schemas)
     except (psycopg.Error, SelfhealError) as ex:
         return DatabaseReport(target, error=scrub(first_line(ex)))
     if tables:
         found = [s for s in found if any(t.matches(s.schema, s.table) for t in tables)]
-    return DatabaseReport(target, [SequenceReport(target.name, s) for s in found])
+        unreadable = [u for u in unreadable
+                      if any(t.matches(u.info.schema, u.info.table) for t in tables)]
+    return DatabaseReport(target, [SequenceReport(target.name, s) for s in found],
+                          unreadable=[(u.info.schema, u.info.table, f"permission denied:"
+                                       f" selfheal needs {u.needs}") for u in unreadable])
 
 
 def _table_names(tables: list[str] | None) -> list[TableName] | None:
@@ -516,6 +531,7 @@ def _missing(
     where = checked[0].target.display if len(reports) == 1 else f"any of {len(reports)} databases"
     in_schema = f" in schema {schema!r}" if schema else ""
     found = [(s.found.schema, s.found.table) for db in checked for s in db.sequences]
+    found += [(schema, table) for db in checked for schema, table, _ in db.unreadable]
     for table in tables or []:
         if not any(table.matches(*f) for f in found):
             close = suggest(table, _existing(checked[0].target, schema, connect_timeout))

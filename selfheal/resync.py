@@ -31,7 +31,7 @@ from psycopg.pq import TransactionStatus
 from . import _ops, errors
 from ._drive import arun, run
 from ._ops import Batch, Command, FreshQuery, Operation, Query
-from .discover import TableInfo, describe, list_tables
+from .discover import TableInfo, Unreadable, describe, list_readable, list_tables
 
 __all__ = [
     "DRAW_LIMIT",
@@ -390,8 +390,14 @@ def _check_op(
     tables: list[str] | None,
     exclude_schemas: list[str] | None = None,
     chunk: int = 500,
+    unreadable: list[Unreadable] | None = None,
 ) -> Operation[list[SequenceStatus]]:
-    infos = yield from list_tables(schemas, tables, exclude_schemas)
+    # `unreadable`: collects the tables the role cannot read, instead of raising.
+    if unreadable is None:
+        infos = yield from list_tables(schemas, tables, exclude_schemas)
+    else:
+        infos, denied = yield from list_readable(schemas, tables, exclude_schemas)
+        unreadable.extend(denied)
     batches = [status_query(infos[start : start + chunk], start)
                for start in range(0, len(infos), chunk)]
     results: list[Any] = []
@@ -456,6 +462,45 @@ def check(
         return run(conn, scoped(conn.info.transaction_status, op))
     except psycopg.Error as ex:
         raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
+
+
+def check_readable(
+    conn: psycopg.Connection[Any],
+    schema: str | None = None,
+    *,
+    tables: list[str] | None = None,
+    exclude_schemas: list[str] | None = None,
+) -> tuple[list[SequenceStatus], list[Unreadable]]:
+    """As `check`, but the tables this role cannot read are returned apart, each
+    with the privilege it lacks, and every other table is still checked."""
+    unreadable: list[Unreadable] = []
+    op = _check_op([schema] if schema else None, tables, exclude_schemas,
+                   unreadable=unreadable)
+    try:
+        found = run(conn, scoped(conn.info.transaction_status, op))
+    except psycopg.errors.LockNotAvailable as ex:
+        held = _locked_tables(conn)
+        raise errors.LockTimeout(
+            "check failed: lock timeout"
+            + (f" on {', '.join(held)} (locked by another session)" if held else f": {ex}"),
+            sqlstate=ex.sqlstate) from ex
+    except psycopg.Error as ex:
+        raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
+    return found, unreadable
+
+
+def _locked_tables(conn: psycopg.Connection[Any]) -> list[str]:
+    """The tables of this database another session holds in ACCESS EXCLUSIVE mode: what a
+    check that timed out waiting for a lock waited for (empty if it cannot tell)."""
+    try:
+        rows = conn.execute(
+            "SELECT DISTINCT l.relation::regclass::text FROM pg_locks l"
+            " JOIN pg_database d ON d.oid = l.database AND d.datname = current_database()"
+            " WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+            " AND l.pid <> pg_backend_pid() ORDER BY 1").fetchall()
+    except psycopg.Error:
+        return []
+    return [r[0] for r in rows]
 
 
 async def acheck(

@@ -323,7 +323,7 @@ class TestTenantDatabases:
             locker.rollback()
         assert code == 2
         [failed] = [line for line in out.splitlines() if "error:" in line]
-        assert failed.startswith(dbname(tenants[1])) and "lock timeout" in failed
+        assert failed.startswith(dbname(tenants[1])) and "lock timeout on users" in failed
         assert next_value(tenants[0], "public.users_id_seq") == 12
         assert next_value(tenants[1], "public.users_id_seq") == 1
         assert next_value(tenants[2], "public.users_id_seq") == 14
@@ -403,6 +403,30 @@ class TestSchemaPerTenant:
 
 
 class TestErrors:
+    def test_privileges_named_and_the_rest_checked(
+            self, capsys: pytest.CaptureFixture[str], conn: psycopg.Connection, dsn: str,
+            make_role: Callable[..., str]) -> None:
+        """A role that cannot read one table's sequence: that table's row names the
+        object and the privilege, every other table is still checked and fixed; exit 2."""
+        seed(conn, users=4, orders=3)
+        role = make_role("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+                         "GRANT SELECT, UPDATE ON SEQUENCE users_id_seq TO {role}",
+                         "GRANT SELECT ON SEQUENCE items_id_seq TO {role}")
+        code, out, err = run(capsys, "fix", role)
+        assert code == 2
+        rows = {line.split()[1]: line for line in out.splitlines()[1:-1]}
+        assert "moved" in rows["public.users"]
+        assert rows["public.orders"].endswith(
+            "error: permission denied: selfheal needs SELECT on sequence public.orders_id_seq")
+        assert ("public.orders: permission denied: selfheal needs SELECT on sequence"
+                " public.orders_id_seq") in err
+        assert next_value(dsn, "public.users_id_seq") == 5
+        assert next_value(dsn, "public.orders_id_seq") == 1
+        code, rows_json = run_json(capsys, "check", role)
+        assert code == 2
+        [denied] = [r for r in rows_json if "error" in r]
+        assert (denied["schema"], denied["table"]) == ("public", "orders")
+
     def test_unreachable_dsn(self, capsys: pytest.CaptureFixture[str]) -> None:
         """An unreachable DSN exits 2 with the connection error, on stdout in the report and
         on stderr whatever the format; the password is never shown."""
