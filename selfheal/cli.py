@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TextIO
 
 import psycopg
+import structlog
 from psycopg.conninfo import make_conninfo
 
 from . import __version__, fleet
@@ -120,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="write the report to FILE, atomically, instead of stdout")
     out.add_argument("-v", "--verbose", action="store_true",
                      help="list every sequence in the table, not only those out of sync")
+    out.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="the audit events fix writes on stderr (sequence_resynced, as a"
+                          " healing connection's): text (default) or JSON lines")
 
     parser = _Parser(
         prog="selfheal",
@@ -424,6 +429,34 @@ def _run(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def audit_to_stderr(log_format: str = "text", stream: TextIO | None = None) -> None:
+    """Send selfheal's audit events to `stream` (stderr), as text or JSON lines, never
+    to stdout where the report goes. For commands, which are applications: the
+    library itself never configures structlog."""
+    renderer: Any = (structlog.processors.JSONRenderer() if log_format == "json"
+                     else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _audit(log_format: str) -> None:
+    """Where the command's audit events go: stderr, as text or JSON lines; and Sentry
+    when sentry-sdk is installed and ``SENTRY_DSN`` is set."""
+    audit_to_stderr(log_format)
+    if os.environ.get("SENTRY_DSN"):
+        try:
+            import sentry_sdk
+        except ImportError:
+            return
+        if not sentry_sdk.get_client().is_active():
+            sentry_sdk.init()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``selfheal`` with `argv` (default: the command line); return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -447,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as ex:  # --help, --version and usage errors
         return ex.code if isinstance(ex.code, int) else 2
+    configured = structlog.get_config()
+    _audit(args.log_format)
     try:
         return _run(args)
     except (SelfhealError, psycopg.Error, OSError) as ex:
@@ -458,5 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SELFHEAL_TRACEBACK"):
             raise
         message = f"unexpected {type(ex).__name__}: {ex} (SELFHEAL_TRACEBACK=1 shows where)"
+    finally:
+        # Called in-process (tests, scripts), the caller's configuration comes back.
+        structlog.configure(**configured)
     print(f"selfheal: error: {scrub(message)}", file=sys.stderr)
     return 2

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from . import report
 from ._drive import run
 from .conninfo import InvalidDSN, redact, scrub, validate
 from .discover import list_tables
@@ -477,6 +478,7 @@ def _fix_one(
                 if seq.in_sync:
                     done.append(seq)
                     continue
+                started = time.perf_counter()
                 try:
                     result = resync(conn, seq.found.table, seq.found.schema,
                                     lock_timeout=lock_timeout)
@@ -484,6 +486,9 @@ def _fix_one(
                     done.append(replace(seq, error=scrub(first_line(ex))))
                 else:
                     done.append(replace(seq, resync=result))
+                    if result.changed:
+                        report.fixed(db.target.name, seq.found, result,
+                                     round((time.perf_counter() - started) * 1000, 3))
     except psycopg.Error as ex:
         return replace(db, error=scrub(first_line(ex)))
     return replace(db, sequences=done)

@@ -145,10 +145,11 @@ def heal_flow(
             raise ex
         if facts is not None and heal.table != key[1]:
             facts.at_risk(heal.schema, heal.table)  # a partition's root
-        if not options.retry or mode is Mode.HEAL_ONLY or _supplies_key(shape, key, heal):
+        explicit = _supplies_key(shape, key, heal)
+        if not options.retry or mode is Mode.HEAL_ONLY or explicit:
             # An explicit key that collides is a real duplicate: a retry
             # would fail the same way.
-            report.resynced(heal)
+            report.resynced(heal, explicit=explicit)
             raise ex
         retried = True
         try:

@@ -5,13 +5,17 @@ Audit events go to ``structlog.get_logger("selfheal")``; the application
 decides where they end up (selfheal never configures structlog):
 
 - ``sequence_resynced`` (warning): a heal moved a sequence.
-- ``sequence_already_in_sync`` (debug): a heal found nothing to move, because
-  a concurrent healer got there first or the key was supplied explicitly.
+- ``sequence_already_in_sync`` (warning): a statement collided but the heal
+  found nothing left to move: the statement drew the last stale value (the
+  off-by-one ``setval(seq, max(id), false)``), or a concurrent healer got
+  there first. Debug, and no Sentry event, when the statement supplied the
+  key itself (a real duplicate, raised to the caller).
 - ``sequence_resync_failed`` (error): a heal could not happen; the caller got
   its original error back.
 
-When sentry-sdk is installed and the application initialised it, heals that
-moved a sequence and failed heals are also sent to Sentry, one issue per
+When sentry-sdk is installed and the application initialised it, heals
+(whether they moved the sequence or found it already past) and failed heals
+are also sent to Sentry, one issue per
 table, at most one event per table and interval (later ones are counted and
 the count sent with the next event). See `selfheal.sentry` for the settings.
 
@@ -26,11 +30,14 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-__all__ = ["Heal", "HealFailure", "Location", "logger", "resync_failed", "resynced"]
+if TYPE_CHECKING:
+    from .resync import ResyncResult, SequenceStatus
+
+__all__ = ["Heal", "HealFailure", "Location", "fixed", "logger", "resync_failed", "resynced"]
 
 logger = structlog.get_logger("selfheal")
 _fallback = logging.getLogger("selfheal")
@@ -70,6 +77,9 @@ class Heal(Location):
     duration_ms: float
     #: "succeeded", "failed" or "not_attempted".
     retry: str
+    #: Who healed: "connection" (a healing connection, after a collision) or
+    #: "fix" (``selfheal fix`` or ``manage.py selfheal_fix``, an operator).
+    origin: str = "connection"
 
     @property
     def changed(self) -> bool:
@@ -97,17 +107,37 @@ class HealFailure(Location):
         return out
 
 
-def resynced(heal: Heal) -> None:
-    """Report a heal: a warning and a Sentry event when it moved the sequence."""
+def resynced(heal: Heal, *, explicit: bool = False) -> None:
+    """Report a heal: a warning and a Sentry event.
+
+    A collision on a sequence-backed key is the signal itself, also when the
+    heal found nothing left to move (the failing statement drew the stale
+    value; ``setval(seq, max(id), false)`` does that) and reports
+    ``sequence_already_in_sync``. Only a collision on a key the statement
+    supplied itself (`explicit`: a real duplicate, raised to the caller) is
+    logged at debug level, without a Sentry event.
+    """
     try:
-        if not heal.changed:
+        if not heal.changed and explicit:
             logger.debug("sequence_already_in_sync", **heal.fields())
             return
-        logger.warning("sequence_resynced", **heal.fields())
+        logger.warning("sequence_resynced" if heal.changed else "sequence_already_in_sync",
+                       **heal.fields())
         if sentry_sdk is not None and sentry_sdk.get_client().is_active():
             _send_heal(heal)
     except Exception:
         _fallback.exception("selfheal could not report a heal")
+
+
+def fixed(database: str, status: SequenceStatus, result: ResyncResult,
+          duration_ms: float) -> None:
+    """Report an operator's fix (`selfheal.fleet`, the Django command) of one
+    sequence (`status` as checked, `result` the `ResyncResult`) as a heal is
+    reported: the same event, the same Sentry event."""
+    resynced(Heal(database=database, schema=result.schema, table=result.table,
+                  column=result.column, constraint=status.constraint, sequence=result.sequence,
+                  before=result.before, after=result.after, method=result.method,
+                  duration_ms=duration_ms, retry="not_attempted", origin="fix"))
 
 
 def resync_failed(failure: HealFailure) -> None:
@@ -194,7 +224,10 @@ def _send_heal(heal: Heal) -> None:
     event: dict[str, Any] = {
         "level": "warning",
         "logger": "selfheal",
-        "message": f"selfheal resynced the id sequence of {heal.schema}.{heal.table}",
+        "message": (f"selfheal resynced the id sequence of {heal.schema}.{heal.table}"
+                    if heal.changed else
+                    f"selfheal: an insert into {heal.schema}.{heal.table} collided on its key;"
+                    " the sequence was already past the keys (nothing to move)"),
         "tags": _tags(heal.database, heal.schema, heal.table, heal.sequence),
         "contexts": {
             "selfheal": {
@@ -209,6 +242,7 @@ def _send_heal(heal: Heal) -> None:
                 "method": heal.method,
                 "duration_ms": heal.duration_ms,
                 "retry": heal.retry,
+                "origin": heal.origin,
                 "repeats_since_last_event": held,
             }
         },

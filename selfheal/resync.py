@@ -21,7 +21,7 @@ caller's transaction, settings and locks are left as they were.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
@@ -98,6 +98,8 @@ class SequenceStatus:
     next_value: int
     #: The sequence's increment (negative for a descending sequence).
     increment: int
+    #: The primary key constraint (for audit events; not part of `as_dict`).
+    constraint: str = field(default="", compare=False)
 
     @property
     def in_sync(self) -> bool:
@@ -382,6 +384,7 @@ def status_of(info: TableInfo, row: Sequence[Any]) -> SequenceStatus:
         min_value=key_min,
         next_value=next_value(last, called, info.increment),
         increment=info.increment,
+        constraint=info.constraint,
     )
 
 

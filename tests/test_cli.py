@@ -40,6 +40,12 @@ def like(prefix: str) -> str:
     return prefix.replace("_", "\\_") + "%"
 
 
+def without_events(err: str) -> str:
+    """stderr without the audit events fix writes there."""
+    return "".join(line for line in err.splitlines(keepends=True)
+                   if "sequence_resynced" not in line)
+
+
 def one_line_error(err: str) -> str:
     """The single line the CLI printed for a fatal error."""
     assert "Traceback" not in err
@@ -610,6 +616,50 @@ class TestErrors:
         assert code == 0 and out.startswith("selfheal ")
 
 
+class TestAuditEvents:
+    @pytest.mark.parametrize("log_format", ["text", "json"])
+    def test_fix_writes_the_heal_events(self, capsys: pytest.CaptureFixture[str],
+                                        conn: psycopg.Connection, dsn: str,
+                                        log_format: str) -> None:
+        """fix writes one sequence_resynced event per sequence it moved, on stderr (the
+        report stays alone on stdout), as a healing connection does; --log-format json
+        makes them JSON lines."""
+        seed(conn, users=7, orders=2)
+        code, out, err = run(capsys, "fix", dsn, "--json", "--log-format", log_format)
+        assert code == 0
+        assert {r["table"] for r in json.loads(out) if r["changed"]} == {"users", "orders"}
+        lines = [line for line in err.splitlines() if line]
+        assert len(lines) == 2
+        if log_format == "json":
+            events = sorted((json.loads(line) for line in lines), key=lambda e: e["table"])
+            assert [(e["event"], e["level"], e["table"], e["before"], e["after"], e["origin"],
+                     e["constraint"]) for e in events] == [
+                ("sequence_resynced", "warning", "orders", 1, 3, "fix", "orders_pkey"),
+                ("sequence_resynced", "warning", "users", 1, 8, "fix", "users_pkey")]
+        else:
+            assert all("sequence_resynced" in line and "origin=fix" in line for line in lines)
+        code, out, err = run(capsys, "fix", dsn, "--log-format", log_format)
+        assert (code, err) == (0, "")  # nothing moved: nothing to report
+
+    def test_fix_sends_sentry_events(self, conn: psycopg.Connection, dsn: str) -> None:
+        """With SENTRY_DSN set, fix sends the same Sentry event as a heal."""
+        from .test_report import Receiver
+
+        seed(conn, users=3)
+        receiver = Receiver()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "selfheal", "fix", dsn],
+                                  env={**os.environ, "SENTRY_DSN": receiver.dsn},
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            [event] = receiver.events
+        finally:
+            receiver.close()
+        assert event["level"] == "warning"
+        assert event["tags"]["selfheal.table"] == "public.users"
+        assert event["contexts"]["selfheal"]["origin"] == "fix"
+
+
 class TestOpenMetrics:
     def test_gauges(self, capsys: pytest.CaptureFixture[str], conn: psycopg.Connection,
                     dsn: str) -> None:
@@ -683,7 +733,7 @@ class TestOpenMetrics:
         code, out, err = run(capsys, "fix", dsn, "--output", str(target))
         assert code == 2
         assert "public.users" in out and "moved" in out
-        assert "No space left on device" in one_line_error(err)
+        assert "No space left on device" in one_line_error(without_events(err))
         assert next_value(dsn, "public.users_id_seq") == 4
 
 

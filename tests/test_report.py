@@ -150,6 +150,43 @@ class TestSentry:
         assert (ctx["before"], ctx["after"], ctx["method"]) == (2, 13, "nextval")
         assert all(SECRET.encode() not in raw for raw in receiver.raw)
 
+    def test_off_by_one_is_reported(self, receiver: Receiver, conn: psycopg.Connection,
+                                    dsn: str) -> None:
+        """setval(seq, max(id), false), the common reset gone wrong: the insert draws the
+        stale max and collides, the heal finds nothing left to move. The collision is
+        still a warning and a Sentry event, saying nothing moved; the retry lands."""
+        init_sentry(receiver)
+        make_drifted(conn, 5)
+        conn.execute("SELECT setval('payments_id_seq', 5, false)")
+        with HealingConnection.connect(dsn, autocommit=True) as hc, capture_logs() as logs:
+            row = hc.execute("INSERT INTO payments (note) VALUES ('x') RETURNING id").fetchone()
+        assert row == (6,)
+        [event] = logs
+        assert (event["event"], event["log_level"], event["method"], event["retry"]) == (
+            "sequence_already_in_sync", "warning", "none", "succeeded")
+        assert (event["before"], event["after"]) == (6, 6)
+        sentry_sdk.flush()
+        [sent] = receiver.events
+        assert sent["level"] == "warning"
+        assert "nothing to move" in sent["message"] and "public.payments" in sent["message"]
+        assert sent["fingerprint"] == [
+            "selfheal", "sequence_resynced", conn.info.dbname, "public", "payments"]
+        assert sent["contexts"]["selfheal"]["method"] == "none"
+
+    def test_explicit_duplicate_stays_quiet(self, receiver: Receiver,
+                                            conn: psycopg.Connection, dsn: str) -> None:
+        """A duplicate id the statement supplied itself is the caller's error: debug only."""
+        init_sentry(receiver)
+        make_drifted(conn, 3)
+        conn.execute("SELECT setval('payments_id_seq', 3)")
+        with HealingConnection.connect(dsn, autocommit=True) as hc, capture_logs() as logs, \
+                pytest.raises(pgerrors.UniqueViolation):
+            hc.execute("INSERT INTO payments (id) VALUES (2)")
+        assert [(e["event"], e["log_level"]) for e in logs] == [
+            ("sequence_already_in_sync", "debug")]
+        sentry_sdk.flush()
+        assert receiver.events == []
+
     def test_no_locals_even_with_attach_stacktrace(
         self, receiver: Receiver, conn: psycopg.Connection, dsn: str
     ) -> None:

@@ -16,10 +16,12 @@ from dataclasses import replace
 from typing import Any
 
 import psycopg
+import structlog
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
-from ..cli import _seconds, render_json, render_table
+from .. import report
+from ..cli import _seconds, audit_to_stderr, render_json, render_table
 from ..errors import SelfhealError, first_line
 from ..fleet import DatabaseReport, FleetReport, SequenceReport, Target
 from ..names import TableName, parse_table_name
@@ -52,6 +54,17 @@ class SequenceCommand(BaseCommand):
                                 help="report what would move; move nothing")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if structlog.is_configured():
+            return self._handle(**options)
+        # The project left structlog as it comes, printing to stdout: the
+        # audit events of a fix go to stderr instead, off the report.
+        audit_to_stderr(stream=getattr(self.stderr, "_out", sys.stderr))
+        try:
+            return self._handle(**options)
+        finally:
+            structlog.reset_defaults()
+
+    def _handle(self, **options: Any) -> None:
         dry_run = bool(options.get("dry_run"))
         alias = options["database"]
         if alias not in connections.settings:
@@ -106,11 +119,15 @@ class SequenceCommand(BaseCommand):
              lock_timeout: float) -> SequenceReport:
         if seq.in_sync:
             return seq
+        started = time.perf_counter()
         try:
-            return replace(seq, resync=resync(conn, seq.found.table, seq.found.schema,
-                                              lock_timeout=lock_timeout))
+            result = resync(conn, seq.found.table, seq.found.schema, lock_timeout=lock_timeout)
         except (SelfhealError, psycopg.Error) as ex:
             return replace(seq, error=first_line(ex))
+        if result.changed:
+            report.fixed(seq.database, seq.found, result,
+                         round((time.perf_counter() - started) * 1000, 3))
+        return replace(seq, resync=result)
 
 
 def _missing(seqs: list[SequenceReport], name: str, schema: str | None,
