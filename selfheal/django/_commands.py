@@ -21,10 +21,11 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from .. import report
-from ..cli import _seconds, audit_to_stderr, render_json, render_table
+from ..cli import _seconds, audit_to_stderr
 from ..errors import SelfhealError, first_line
 from ..fleet import DatabaseReport, FleetReport, SequenceReport, Target
 from ..names import TableName, parse_table_name
+from ..render import render_json, render_table
 from ..resync import LOCK_TIMEOUT, check, resync
 
 
