@@ -13,6 +13,7 @@ is changed.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -24,7 +25,7 @@ import psycopg
 from . import report
 from ._drive import run
 from .conninfo import redact, scrub
-from .discover import list_tables
+from .discover import TableInfo, list_tables
 from .errors import SelfhealError, first_line
 from .names import TableName, parse_table_name, suggest
 from .resync import (
@@ -203,12 +204,13 @@ def _check_one(
     exclude_schemas: list[str] | None,
     connect_timeout: float,
     lock_timeout: float,
+    guess: list[TableInfo],
 ) -> DatabaseReport:
     relnames = sorted({n for t in tables for n in t.names}) if tables else None
     try:
         with _connect(target, connect_timeout, lock_timeout) as conn:
             found, unreadable = check_readable(conn, schema, tables=relnames,
-                                               exclude_schemas=exclude_schemas)
+                                               exclude_schemas=exclude_schemas, guess=guess)
     except (psycopg.Error, SelfhealError) as ex:
         return DatabaseReport(target, error=scrub(first_line(ex)))
     if tables:
@@ -352,8 +354,19 @@ def check_fleet(
         validate_like(pattern, "schema")
     names = _table_names(tables)
     started = time.monotonic()
+    # Per worker thread, the tables the last database it checked had: the next
+    # one's status query goes with its discovery (see `check_readable`).
+    guesses = threading.local()
+
+    def one(target: Target) -> DatabaseReport:
+        guess = getattr(guesses, "tables", None)
+        if guess is None:
+            guess = guesses.tables = []
+        return _check_one(target, schema, names, exclude_schemas, connect_timeout,
+                          lock_timeout, guess)
+
     reports = _map(
-        lambda t: _check_one(t, schema, names, exclude_schemas, connect_timeout, lock_timeout),
+        one,
         list(targets), jobs, "check", progress,
     )
     problem = _missing(reports, schema, names, connect_timeout)

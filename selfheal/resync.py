@@ -90,9 +90,11 @@ class SequenceStatus:
     table: str
     column: str
     sequence: str
-    #: The highest key in the table, None when it is empty.
+    #: The highest key in the table, None when it is empty (or, read by
+    #: `check`, when the sequence descends: only the end it runs towards counts).
     max_value: int | None
-    #: The lowest key in the table, None when it is empty.
+    #: The lowest key in the table, None when it is empty (or, read by `check`,
+    #: when the sequence ascends).
     min_value: int | None
     #: What the next nextval() would return.
     next_value: int
@@ -104,11 +106,9 @@ class SequenceStatus:
     @property
     def in_sync(self) -> bool:
         """True when the next value lies past every existing key."""
-        if self.max_value is None or self.min_value is None:
-            return True
         if self.increment > 0:
-            return self.next_value > self.max_value
-        return self.next_value < self.min_value
+            return self.max_value is None or self.next_value > self.max_value
+        return self.min_value is None or self.next_value < self.min_value
 
     def as_dict(self) -> dict[str, Any]:
         """The status as plain data, `in_sync` included (for JSON output)."""
@@ -357,11 +357,15 @@ def status_query(infos: list[TableInfo], start: int = 0) -> Query:
     Its rows are ``(index, max, min, last_value, is_called)``, where index is
     `start` plus the table's position in `infos`; see `status_of`.
     """
+    # Only the end of the keys the sequence runs towards: one index probe a table.
+    ascending = sql.SQL(
+        "SELECT {i}, (SELECT max({col}) FROM {tbl}), NULL::bigint,"
+        " s.last_value, s.is_called FROM {seq} s")
+    descending = sql.SQL(
+        "SELECT {i}, NULL::bigint, (SELECT min({col}) FROM {tbl}),"
+        " s.last_value, s.is_called FROM {seq} s")
     parts = [
-        sql.SQL(
-            "SELECT {i}, (SELECT max({col}) FROM {tbl}), (SELECT min({col}) FROM {tbl}),"
-            " s.last_value, s.is_called FROM {seq} s"
-        ).format(
+        (ascending if info.increment > 0 else descending).format(
             i=sql.Literal(start + i),
             col=sql.Identifier(info.column),
             tbl=info.table_ident,
@@ -394,23 +398,57 @@ def _check_op(
     exclude_schemas: list[str] | None = None,
     chunk: int = 500,
     unreadable: list[Unreadable] | None = None,
+    guess: Sequence[TableInfo] | None = None,
+    guess_out: list[TableInfo] | None = None,
 ) -> Operation[list[SequenceStatus]]:
     # `unreadable`: collects the tables the role cannot read, instead of raising.
+    # `guess`: the tables a sibling database had (tenants cloned from one
+    # template, or migrated alike, have the same): their status query travels
+    # with the discovery, and serves when the discovery finds the same tables.
+    results: list[Any] | None = None
     if unreadable is None:
         infos = yield from list_tables(schemas, tables, exclude_schemas)
     else:
-        infos, denied = yield from list_readable(schemas, tables, exclude_schemas)
+        discovery = list_readable(schemas, tables, exclude_schemas)
+        request = next(discovery)
+        assert isinstance(request, Query)
+        rows = guessed = None
+        if guess and len(guess) <= chunk:
+            try:
+                rows, guessed = yield Batch([request, status_query(list(guess))])
+            except _ops.ERRORS:
+                rows = None  # not the same tables after all
+        if rows is None:
+            rows = yield request
+        try:
+            discovery.send(rows)
+        except StopIteration as stop:
+            infos, denied = stop.value
+        else:  # pragma: no cover - one query, then its answer
+            raise AssertionError("discovery asked for more than one query")
         unreadable.extend(denied)
-    batches = [status_query(infos[start : start + chunk], start)
-               for start in range(0, len(infos), chunk)]
-    results: list[Any] = []
-    if len(batches) == 1:
-        results = [(yield batches[0])]
-    elif batches:
-        results = yield Batch(batches)
+        if guessed is not None and guess is not None and (
+                [_shape(i) for i in infos] == [_shape(i) for i in guess]):
+            results = [guessed]
+    if guess_out is not None:
+        guess_out[:] = infos
+    if results is None:
+        batches = [status_query(infos[start : start + chunk], start)
+                   for start in range(0, len(infos), chunk)]
+        results = []
+        if len(batches) == 1:
+            results = [(yield batches[0])]
+        elif batches:
+            results = yield Batch(batches)
     found = [status_of(infos[row[0]], row) for rows in results for row in rows]
     found.sort(key=lambda s: (s.schema, s.table))
     return found
+
+
+def _shape(info: TableInfo) -> tuple[Any, ...]:
+    # What a status query depends on: names and direction, not oids.
+    return (info.schema, info.table, info.column, info.sequence_schema, info.sequence_name,
+            info.increment > 0)
 
 
 # -- public API -----------------------------------------------------------------
@@ -473,14 +511,25 @@ def check_readable(
     *,
     tables: list[str] | None = None,
     exclude_schemas: list[str] | None = None,
+    guess: list[TableInfo] | None = None,
 ) -> tuple[list[SequenceStatus], list[Unreadable]]:
     """As `check`, but the tables this role cannot read are returned apart, each
-    with the privilege it lacks, and every other table is still checked."""
+    with the privilege it lacks, and every other table is still checked.
+
+    On an autocommit connection it opens no transaction (each query reads
+    what is committed, as in one). `guess`, when given, is the list of tables
+    a similar database had (its status query is sent with the discovery, one
+    round trip); it is replaced by this database's tables.
+    """
     unreadable: list[Unreadable] = []
     op = _check_op([schema] if schema else None, tables, exclude_schemas,
-                   unreadable=unreadable)
+                   unreadable=unreadable, guess=list(guess) if guess else None,
+                   guess_out=guess)
     try:
-        found = run(conn, scoped(conn.info.transaction_status, op))
+        if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            found = run(conn, op)
+        else:
+            found = run(conn, scoped(conn.info.transaction_status, op))
     except psycopg.errors.LockNotAvailable as ex:
         held = _locked_tables(conn)
         raise errors.LockTimeout(

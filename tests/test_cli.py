@@ -151,7 +151,7 @@ class TestSingleDatabase:
         assert set(by_table) == {"users", "orders", "items"}
         assert by_table["users"] == {
             "database": dbname(dsn), "schema": "public", "table": "users", "column": "id",
-            "sequence": "public.users_id_seq", "max_value": 7, "min_value": 1,
+            "sequence": "public.users_id_seq", "max_value": 7, "min_value": None,
             "next_value": 1, "increment": 1, "in_sync": False,
         }
 
