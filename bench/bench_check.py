@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             server_handle.cleanup()
 
     print(f"{args.databases} databases x {args.tables} tables, best of {args.repeat} runs;"
-          f" per-table way: {2 * args.tables} queries per database, selfheal: 4")
+          f" per-table way: {2 * args.tables} queries per database, selfheal: 1 round trip"
+          " (2 for a database whose tables differ from the one before)")
     default = " (default)" if args.jobs == fleet.DEFAULT_JOBS else ""
     print(f"{'network':<36} {'SELECT 1':>9} {'per-table':>10} {'--jobs 1':>16}"
           f" {f'--jobs {args.jobs}{default}':>26} {'floor':>8} {'vs floor':>9}")

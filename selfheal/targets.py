@@ -95,7 +95,9 @@ def _validate_dsn(dsn: str, number: int, of: int) -> None:
         validate(dsn)
     except InvalidDSN as ex:
         which = f" #{number} of {of}" if of > 1 else ""
-        raise FleetError(f"invalid DSN{which} ({redact(dsn)}): {ex}") from None
+        shown = redact(dsn)
+        where = "" if shown in str(ex) else f" ({shown})"
+        raise FleetError(f"invalid DSN{which}{where}: {ex}") from None
 
 
 def like_regex(pattern: str) -> re.Pattern[str]:

@@ -13,7 +13,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 import selfheal
 from selfheal import fleet
+from selfheal.discover import TableInfo
 from selfheal.fleet import FleetError, Target
+from selfheal.resync import check_readable
 
 from .conftest import round_trips
 from .tenants import dbname, make_tenants, next_value, seed, unique_prefix
@@ -144,6 +146,32 @@ class TestCheckFleet:
                 assert len(selfheal.check(conn)) == n
             counts.append(trips.count)
         assert counts[0] == counts[1] <= 4
+
+    def test_sibling_databases_take_one_round_trip(self, make_db: Callable[..., str]) -> None:
+        """A database whose tables are those of the one checked before it costs one round
+        trip after connecting (discovery and status together); different tables, or one
+        missing, cost more but read right."""
+        shapes = [("a", "b"), ("a", "b"), ("a", "c"), ("a",), ("a",)]
+        dsns = []
+        for i, tables in enumerate(shapes):
+            dsn = make_db()
+            with psycopg.connect(dsn, autocommit=True) as c:
+                for t in tables:
+                    c.execute(sql.SQL("CREATE TABLE {} (id serial PRIMARY KEY)").format(
+                        sql.Identifier(t)))
+                    c.execute(sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(
+                        sql.Identifier(t)), (i + 1,))
+            dsns.append(dsn)
+        guess: list[TableInfo] = []
+        counts, found = [], []
+        for dsn in dsns:
+            with fleet._connect(Target(dsn, dbname(dsn)), 5, 2) as conn, \
+                    round_trips(conn) as trips:
+                statuses, _ = check_readable(conn, guess=guess)
+            counts.append(trips.count)
+            found.append({(s.table, s.max_value, s.in_sync) for s in statuses})
+        assert counts[0] == 2 and counts[1] == 1 and counts[2] >= 2 and counts[4] == 1
+        assert found == [{(t, i + 1, False) for t in tables} for i, tables in enumerate(shapes)]
 
     def test_connections_bounded_by_jobs(self, make_db: Callable[..., str],
                                          server_dsn: str) -> None:
