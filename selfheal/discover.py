@@ -84,8 +84,6 @@ _TABLES = sql.SQL("""\
 SELECT n.nspname, c.relname, k.attname, k.conname,
        k.seqschema, k.seqname, k.seqid,
        k.seqincrement, k.seqmin, k.seqmax, k.seqcache,
-       has_column_privilege(c.oid, k.attnum, 'SELECT')
-         AND has_sequence_privilege(k.seqid::oid, 'SELECT') AS readable,
        has_column_privilege(c.oid, k.attnum, 'SELECT'),
        has_sequence_privilege(k.seqid::oid, 'SELECT')
 FROM pg_class c
@@ -223,12 +221,12 @@ def list_readable(
             continue
         seen.add((row[0], row[1]))
         info = _to_info(row)
-        if row[11]:
+        if row[11] and row[12]:
             infos.append(info)
             continue
         needs = [f"SELECT on column {info.qualified_table}.{_quote(info.column)}"] \
-            if not row[12] else []
-        if not row[13]:
+            if not row[11] else []
+        if not row[12]:
             needs.append(f"SELECT on sequence {info.sequence}")
         denied.append(Unreadable(info, " and ".join(needs)))
     return infos, denied
@@ -270,5 +268,5 @@ def relations(rows: list[TupleRow]) -> list[tuple[str, str, TableInfo | None, bo
     `info` is None for a table without a sequence-backed key; `readable`
     tells whether this role can read its key column and sequence.
     """
-    return [(row[0], row[1], _to_info(row) if row[5] is not None else None, bool(row[11]))
-            for row in rows]
+    return [(row[0], row[1], _to_info(row) if row[5] is not None else None,
+             bool(row[11] and row[12])) for row in rows]
