@@ -8,10 +8,12 @@ so the two twins cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow, tuple_row
 
 from . import _ops
@@ -36,6 +38,9 @@ Rows: TypeAlias = list[TupleRow]
 T = TypeVar("T")
 
 _ops.register(psycopg.Error)
+
+IDLE, INTRANS, INERROR = (TransactionStatus.IDLE, TransactionStatus.INTRANS,
+                          TransactionStatus.INERROR)
 
 
 def conninfo_of(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
@@ -84,7 +89,13 @@ def run(
     def serve(req: Request) -> Any:
         return statement() if req is STATEMENT and statement else _serve(conn, req)
 
-    return _ops.drive(op, serve)
+    idle = conn.info.transaction_status == IDLE
+    try:
+        return _ops.drive(op, serve)
+    except BaseException:
+        if idle and _left_open(conn):
+            _close(conn)
+        raise
 
 
 def run_side(conn: psycopg.Connection[Any], op: Operation[T]) -> T:
@@ -139,7 +150,35 @@ async def arun(
             return await statement()
         return await _aserve(aconn, req)
 
-    return await _ops.adrive(op, serve)
+    idle = aconn.info.transaction_status == IDLE
+    try:
+        return await _ops.adrive(op, serve)
+    except BaseException:
+        if idle and _left_open(aconn):
+            # In this task, which may hold the connection's lock already (the
+            # caller's cursor does while selfheal heals inside it).
+            with contextlib.suppress(BaseException):
+                await _aclose(aconn)
+        raise
+
+
+def _left_open(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an operation interrupted midway (Ctrl-C, a cancelled task) left a scope of
+    its own open on a connection that was idle: the caller's next statements would run
+    in it (or fail, if it was aborted)."""
+    return (not conn.closed and conn._pipeline is None
+            and conn.info.transaction_status in (INTRANS, INERROR))
+
+
+def _close(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error), conn.lock:
+        conn.wait(conn._exec_command(b"ROLLBACK"))
+
+
+async def _aclose(aconn: psycopg.AsyncConnection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):
+        async with aconn.lock:
+            await aconn.wait(aconn._exec_command(b"ROLLBACK"))
 
 
 async def arun_side(aconn: psycopg.AsyncConnection[Any], op: Operation[T]) -> T:

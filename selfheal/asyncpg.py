@@ -33,6 +33,7 @@ asyncpg's API:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -373,8 +374,16 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
             return await self._selfheal_serve(req)
 
         busy, self._selfheal_busy = self._selfheal_busy, True
+        opened = self._protocol.is_in_transaction()
         try:
             return await _ops.adrive(op, serve)
+        except BaseException:
+            # Cancelled (a task's timeout) inside a scope the operation opened:
+            # close it, or the caller's next statements would run in it.
+            if not opened and not self.is_closed() and self._protocol.is_in_transaction():
+                with contextlib.suppress(BaseException):
+                    await _base_execute(self, "ROLLBACK")
+            raise
         finally:
             self._selfheal_busy = busy
 

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from selfheal.asyncpg import HealingConnection, HealingPreparedStatement, placeholders
 
 from . import parity
-from .conftest import seq_next
+from .conftest import lock_key, seq_next
 from .parity import Database, ErrorSeen, Execute, Options, Outcome, ResultSet, Script
 from .test_parity import dbs  # noqa: F401  (the harness's two databases)
 from .test_protect import next_xid, subxact_cache
@@ -367,6 +367,33 @@ class TestHeals:
                 "INSERT INTO payments (note) VALUES ($1) RETURNING id", "y") >= 5
         assert len(ids(admin)) == 5
         await conn.close()
+
+
+class TestCancelled:
+    async def test_cancel_during_a_heal(self, admin: psycopg.Connection[Any], dsn: str) -> None:
+        """A task cancelled (a timeout) while selfheal heals: the connection is out of any
+        transaction, as plain asyncpg's after a cancelled statement, and the next
+        statement commits on its own."""
+        make_drifted(admin, 5)
+        seen = []
+        for cls in (asyncpg.Connection, HealingConnection.with_options(lock_timeout=10)):
+            key = lock_key(admin, "payments")
+            with psycopg.connect(dsn) as holder:
+                # selfheal's heal waits for the healers' lock; plain asyncpg's
+                # insert, which does not heal, waits for the table.
+                holder.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                if cls is asyncpg.Connection:
+                    holder.execute("LOCK TABLE payments IN SHARE MODE")
+                conn = await connect(dsn, cls)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        conn.execute("INSERT INTO payments (note) VALUES ('cancelled')"), 0.5)
+            in_transaction = conn.is_in_transaction()
+            await conn.execute("INSERT INTO payments (id, note) VALUES ($1, 'after')",
+                               100 + len(seen))
+            seen.append((in_transaction, ids(admin)[-1]))
+            await conn.close()
+        assert seen == [(False, 100), (False, 101)]
 
 
 class TestBatches:

@@ -174,6 +174,39 @@ class TestTimeouts:
             assert hc.execute("SELECT 1").fetchone() == (1,)
 
 
+class TestCancelled:
+    """A task cancelled (a timeout) while selfheal heals leaves the connection as a
+    cancelled statement leaves plain psycopg's: idle in autocommit, the next
+    statement committed on its own, not inside selfheal's scope."""
+
+    async def test_cancel_during_a_heal(self, conn: psycopg.Connection, dsn: str) -> None:
+        import asyncio
+
+        make_drifted(conn, 5)
+        seen = []
+        for cls in (psycopg.AsyncConnection,
+                    selfheal.AsyncHealingConnection.with_options(lock_timeout=10)):
+            key = lock_key(conn, "payments")
+            with psycopg.connect(dsn) as holder:
+                # selfheal's heal waits for the healers' lock; plain psycopg's
+                # insert, which does not heal, waits for the table.
+                holder.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                if cls is psycopg.AsyncConnection:
+                    holder.execute("LOCK TABLE payments IN SHARE MODE")
+                aconn = await cls.connect(dsn, autocommit=True)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        aconn.execute("INSERT INTO payments (note) VALUES ('cancelled')"), 0.5)
+            status = aconn.info.transaction_status
+            await aconn.execute("INSERT INTO payments (id, note) VALUES (%s, 'after')",
+                                (100 + len(seen),))
+            row = conn.execute("SELECT count(*) FROM payments WHERE id = %s",
+                               (100 + len(seen),)).fetchone()
+            seen.append((status, row))
+            await aconn.close()
+        assert seen[0] == seen[1] == (psycopg.pq.TransactionStatus.IDLE, (1,))
+
+
 class TestReadOnly:
     def test_default_transaction_read_only(self, conn: psycopg.Connection, dsn: str) -> None:
         """On a read-only session the caller's own error comes back untouched."""
