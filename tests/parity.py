@@ -864,3 +864,56 @@ def scripts(min_chunks: int = 3, max_chunks: int = 9) -> st.SearchStrategy[Scrip
     """Random scripts: chunks of steps (one step, or drift and a collision) under options."""
     steps = st.lists(chunks, min_size=min_chunks, max_size=max_chunks).map(_flat).map(_balanced)
     return st.builds(Script, steps, options)
+
+
+# -- the two tests every driver's module runs ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlainTwice:
+    """A driver whose sessions are plain on both runs: the harness checking itself."""
+
+    driver: Driver
+
+    @property
+    def name(self) -> str:
+        return f"{self.driver.name} (plain twice)"
+
+    @property
+    def is_async(self) -> bool:
+        return self.driver.is_async
+
+    async def connect(self, dsn: str, options: Options, healing: bool) -> Session:
+        return await self.driver.connect(dsn, options, False)
+
+
+def driver_tests(driver: Driver, examples: int = 60,
+                 adapt: Callable[[Script], Script] = lambda script: script,
+                 ) -> tuple[Callable[..., None], Callable[..., None]]:
+    """`driver`'s random-script test and its plain-against-plain check, as module-level
+    tests (they take the ``dbs`` fixture). `adapt` drops what the driver cannot run."""
+    import asyncio
+
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=examples, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(script=scripts())
+    def test_random_scripts(dbs: tuple[Database, Database], script: Script) -> None:
+        script = adapt(script)
+        healed, plain = asyncio.run(run_pair(driver, script, *dbs))
+        assert_parity(script, healed, plain)
+
+    @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(script=scripts())
+    def test_harness_plain_against_plain(dbs: tuple[Database, Database],
+                                         script: Script) -> None:
+        script = adapt(script)
+        first, second = asyncio.run(run_pair(PlainTwice(driver), script, *dbs))
+        assert differences(first, second) == []
+
+    test_random_scripts.__doc__ = (f"A random script shows the same on plain and healing"
+                                   f" {driver.name}, heals aside.")
+    test_harness_plain_against_plain.__doc__ = (
+        f"Two plain {driver.name} runs of one script agree: the driver is deterministic.")
+    return test_random_scripts, test_harness_plain_against_plain

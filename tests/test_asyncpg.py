@@ -21,14 +21,13 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
 from structlog.testing import capture_logs
 
 from selfheal.asyncpg import HealingConnection, HealingPreparedStatement, placeholders
 
 from . import parity
 from .conftest import lock_key, seq_next
-from .parity import Database, ErrorSeen, Execute, Options, Outcome, ResultSet, Script
+from .parity import ErrorSeen, Execute, Options, Outcome, ResultSet
 from .test_parity import dbs  # noqa: F401  (the harness's two databases)
 from .test_protect import next_xid, subxact_cache
 from .test_wrap import make_drifted
@@ -182,37 +181,7 @@ class Asyncpg:
         return AsyncpgSession(conn, options)
 
 
-def _supported(script: Script) -> Script:
-    # Statements with parameters cannot be several in one string with asyncpg,
-    # and its parameters are typed by the server: the harness's plain strings.
-    return script
-
-
-def run(script: Script, pair: tuple[Database, Database]) -> tuple[parity.Run, parity.Run]:
-    return asyncio.run(parity.run_pair(Asyncpg(), script, *pair))
-
-
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(script=parity.scripts())
-def test_random_scripts(dbs: tuple[Database, Database], script: Script) -> None:  # noqa: F811
-    """A random script shows the same on plain and healing asyncpg, heals aside."""
-    healed, plain = run(script, dbs)
-    parity.assert_parity(script, healed, plain)
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=parity.scripts())
-def test_harness_plain_against_plain(dbs: tuple[Database, Database],  # noqa: F811
-                                     script: Script) -> None:
-    """Two plain asyncpg runs of one script agree: the driver itself is deterministic."""
-    @dataclass(frozen=True)
-    class PlainTwice(Asyncpg):
-        async def connect(self, dsn: str, options: Options, healing: bool) -> AsyncpgSession:
-            return await super().connect(dsn, options, False)
-
-    first, second = asyncio.run(parity.run_pair(PlainTwice(), script, *dbs))
-    assert parity.differences(first, second) == []
+test_random_scripts, test_harness_plain_against_plain = parity.driver_tests(Asyncpg())
 
 
 # -- heals ----------------------------------------------------------------------------------

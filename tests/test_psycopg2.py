@@ -8,10 +8,9 @@ classes, the batch helpers, the pool and a storm of writers on a real server.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -21,14 +20,13 @@ import psycopg2.extensions as ext
 import psycopg2.extras
 import psycopg2.pool
 import pytest
-from hypothesis import HealthCheck, given, settings
 from structlog.testing import capture_logs
 
 from selfheal.psycopg2 import HealingConnection
 
 from . import parity
 from .conftest import seq_next
-from .parity import Database, ErrorSeen, Execute, Options, Outcome, ResultSet, Script
+from .parity import ErrorSeen, Execute, Options, Outcome, ResultSet, Script
 from .test_parity import dbs  # noqa: F401  (the harness's two databases)
 from .test_wrap import make_drifted
 
@@ -158,42 +156,16 @@ class Psycopg2:
         return Psycopg2Session(conn, rows)
 
 
-def _supported(script: Script) -> bool:
-    # psycopg2's executemany() returns no rows.
-    def ok(steps: Any) -> bool:
-        return all(ok(s.steps) if isinstance(s, parity.Block) else
-                   not (isinstance(s, Execute) and s.returning) for s in steps)
-    return ok(script.steps)
+def _without_many_returning(script: Script) -> Script:
+    """`script` without what psycopg2 cannot run: its executemany() returns no rows."""
+    def keep(steps: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(replace(s, steps=keep(s.steps)) if isinstance(s, parity.Block) else s
+                     for s in steps if not (isinstance(s, Execute) and s.returning))
+    return Script(keep(script.steps), script.options)
 
 
-def run(script: Script, pair: tuple[Database, Database]) -> tuple[parity.Run, parity.Run]:
-    return asyncio.run(parity.run_pair(Psycopg2(), script, *pair))
-
-
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(script=parity.scripts())
-def test_random_scripts(dbs: tuple[Database, Database], script: Script) -> None:  # noqa: F811
-    """A random script shows the same on plain and healing psycopg2, heals aside."""
-    if not _supported(script):
-        script = Script(tuple(s for s in script.steps if not (
-            isinstance(s, Execute) and s.returning)), script.options)
-    healed, plain = run(script, dbs)
-    parity.assert_parity(script, healed, plain)
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=parity.scripts())
-def test_harness_plain_against_plain(dbs: tuple[Database, Database],  # noqa: F811
-                                     script: Script) -> None:
-    """Two plain psycopg2 runs of one script agree: the driver itself is deterministic."""
-    @dataclass(frozen=True)
-    class PlainTwice(Psycopg2):
-        async def connect(self, dsn: str, options: Options, healing: bool) -> Psycopg2Session:
-            return await super().connect(dsn, options, False)
-
-    first, second = asyncio.run(parity.run_pair(PlainTwice(), script, *dbs))
-    assert parity.differences(first, second) == []
+test_random_scripts, test_harness_plain_against_plain = parity.driver_tests(
+    Psycopg2(), adapt=_without_many_returning)
 
 
 # -- heals ----------------------------------------------------------------------------------
