@@ -21,7 +21,7 @@ from . import errors
 from ._ops import Operation, Query
 
 __all__ = ["TableInfo", "Unreadable", "describe", "detect", "list_readable", "list_tables",
-           "named_query", "relations"]
+           "named_query", "permission_denied", "relations"]
 
 
 @dataclass(frozen=True)
@@ -246,12 +246,17 @@ def list_tables(
     """
     infos, denied = yield from list_readable(schemas, tables, exclude_schemas)
     if denied:
-        raise errors.PermissionDenied(
-            "selfheal needs " + "; ".join(f"{d.needs} (table {d.info.qualified_table})"
-                                          for d in denied),
-            sqlstate="42501",
-        )
+        raise permission_denied(denied)
     return infos
+
+
+def permission_denied(denied: Sequence[Unreadable]) -> errors.PermissionDenied:
+    """The error naming every privilege `denied` lacks."""
+    return errors.PermissionDenied(
+        "selfheal needs " + "; ".join(f"{d.needs} (table {d.info.qualified_table})"
+                                      for d in denied),
+        sqlstate="42501",
+    )
 
 
 def named_query(relnames: Sequence[str]) -> Query:

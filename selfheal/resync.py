@@ -31,7 +31,7 @@ from psycopg.pq import TransactionStatus
 from . import _ops, errors
 from ._drive import arun, run
 from ._ops import Batch, Command, FreshQuery, Operation, Query
-from .discover import TableInfo, Unreadable, describe, list_readable, list_tables
+from .discover import TableInfo, Unreadable, describe, list_readable, permission_denied
 
 __all__ = [
     "DRAW_LIMIT",
@@ -405,31 +405,32 @@ def _check_op(
     # `guess`: the tables a sibling database had (tenants cloned from one
     # template, or migrated alike, have the same): their status query travels
     # with the discovery, and serves when the discovery finds the same tables.
-    results: list[Any] | None = None
-    if unreadable is None:
-        infos = yield from list_tables(schemas, tables, exclude_schemas)
-    else:
-        discovery = list_readable(schemas, tables, exclude_schemas)
-        request = next(discovery)
-        assert isinstance(request, Query)
-        rows = guessed = None
-        if guess and len(guess) <= chunk:
-            try:
-                rows, guessed = yield Batch([request, status_query(list(guess))])
-            except _ops.ERRORS:
-                rows = None  # not the same tables after all
-        if rows is None:
-            rows = yield request
+    discovery = list_readable(schemas, tables, exclude_schemas)
+    request = next(discovery)
+    assert isinstance(request, Query)
+    rows = guessed = None
+    if guess and len(guess) <= chunk:
         try:
-            discovery.send(rows)
-        except StopIteration as stop:
-            infos, denied = stop.value
-        else:  # pragma: no cover - one query, then its answer
-            raise AssertionError("discovery asked for more than one query")
+            rows, guessed = yield Batch([request, status_query(list(guess))])
+        except _ops.ERRORS:
+            rows = None  # not the same tables after all
+    if rows is None:
+        rows = yield request
+    try:
+        discovery.send(rows)
+    except StopIteration as stop:
+        infos, denied = stop.value
+    else:  # pragma: no cover - one query, then its answer
+        raise AssertionError("discovery asked for more than one query")
+    if unreadable is None:
+        if denied:
+            raise permission_denied(denied)
+    else:
         unreadable.extend(denied)
-        if guessed is not None and guess is not None and (
-                [_shape(i) for i in infos] == [_shape(i) for i in guess]):
-            results = [guessed]
+    results: list[Any] | None = None
+    if guessed is not None and guess is not None and (
+            [_shape(i) for i in infos] == [_shape(i) for i in guess]):
+        results = [guessed]
     if guess_out is not None:
         guess_out[:] = infos
     if results is None:
