@@ -1,7 +1,8 @@
 """
-The ``selfheal`` command: ``selfheal check`` and ``selfheal fix``.
+The ``selfheal`` command: ``selfheal check``, ``fix`` and ``guard``.
 
-A thin layer over `selfheal.fleet`: parse arguments, call one fleet function,
+A thin layer over `selfheal.fleet` and `selfheal.guardfleet`: parse arguments,
+call one fleet function,
 render its report as a table, JSON or OpenMetrics. Exit codes are the
 contract scripts rely on: 0 all in sync, 1 drift (found by check, or left by
 ``fix --dry-run``), 2 an error. Errors print one line, never a traceback.
@@ -26,6 +27,12 @@ from psycopg.conninfo import make_conninfo
 from . import __version__, fleet
 from .conninfo import scrub
 from .errors import SelfhealError, first_line
+from .guardfleet import (
+    guard_fleet,
+    render_guard_json,
+    render_guard_openmetrics,
+    render_guard_table,
+)
 from .render import render_json, render_openmetrics, render_table
 from .resync import LOCK_TIMEOUT
 
@@ -42,6 +49,18 @@ examples:
   selfheal check --databases 'tenant%' --exclude-database 'tenant\\_archive%'
 
 exit codes: 0 all in sync, 1 drift found (or left by --dry-run), 2 error
+"""
+
+
+_GUARD_EXAMPLES = """\
+examples:
+  selfheal guard install postgresql://owner@db/shop --dry-run
+  selfheal guard install --databases 'tenant%' --jobs 8
+  selfheal guard status --databases 'tenant%' --json
+  selfheal guard remove --table orders
+
+exit codes: 0 done (status: every table guarded and in sync), 1 status found a table
+unguarded or behind (or --dry-run would change something), 2 error
 """
 
 
@@ -132,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"selfheal {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{check,fix,demo}",
+    commands = parser.add_subparsers(dest="command", metavar="{check,fix,guard,demo}",
                                      parser_class=_Parser)
     commands.required = True
     commands.add_parser("check", parents=[common], help="report sequences behind their keys",
@@ -144,6 +163,24 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fix.add_argument("--dry-run", action="store_true", help="report what would move; move nothing")
+    guard = commands.add_parser(
+        "guard", help="keep sequences past explicitly written keys, in the database",
+        description="Install, list or remove the database-side guard: triggers that move a"
+                    " table's sequence past keys written explicitly, by any client.",
+        epilog=_GUARD_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = guard.add_subparsers(dest="action", metavar="{install,status,remove}",
+                                   parser_class=_Parser)
+    actions.required = True
+    for action, help_ in (("install", "guard every selected table (idempotent)"),
+                          ("status", "list guarded and unguarded tables; changes nothing"),
+                          ("remove", "remove every object the guard installed")):
+        sub = actions.add_parser(action, parents=[common], help=help_, description=help_,
+                                 epilog=_GUARD_EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        if action != "status":
+            sub.add_argument("--dry-run", action="store_true",
+                             help="report what would change; change nothing")
     # Listed for --help only: main() hands `demo` to selfheal.demo before parsing.
     commands.add_parser("demo", add_help=False,
                         help="the selfheal story on a throw-away PostgreSQL")
@@ -260,6 +297,8 @@ def _run(args: argparse.Namespace) -> int:
         "progress": bar,
     }
     try:
+        if args.command == "guard":
+            return _guard(args, targets, options)
         if args.command == "fix":
             report = fleet.fix_fleet(targets, dry_run=args.dry_run, **options)
         else:
@@ -283,14 +322,38 @@ def _run(args: argparse.Namespace) -> int:
             if s.error is not None:
                 print(f"selfheal: {db.target.name}: {s.found.schema}.{s.found.table}:"
                       f" {s.error}", file=sys.stderr)
+    return _emit(text, args.output, report.exit_code)
+
+
+def _guard(args: argparse.Namespace, targets: list[fleet.Target], options: dict[str, Any]
+           ) -> int:
+    report = guard_fleet(targets, args.action, dry_run=getattr(args, "dry_run", False),
+                         **options)
+    if args.format == "json":
+        text = render_guard_json(report)
+    elif args.format == "openmetrics":
+        text = render_guard_openmetrics(report)
+    else:
+        text = render_guard_table(report)
+    for db in report.databases:
+        if db.error is not None:
+            print(f"selfheal: {db.target.name}: {db.error}", file=sys.stderr)
+        for t in db.tables:
+            if t.error is not None:
+                print(f"selfheal: {db.target.name}: {t.found.info.qualified_table}:"
+                      f" {t.error}", file=sys.stderr)
+    return _emit(text, args.output, report.exit_code)
+
+
+def _emit(text: str, output: str | None, exit_code: int) -> int:
     try:
-        _write(text, args.output)
+        _write(text, output)
     except OSError as ex:
         # What was done must not be lost: the report goes to stdout instead.
         _write(text, None)
         print(f"selfheal: error: {ex}; the report went to stdout", file=sys.stderr)
         return 2
-    return report.exit_code
+    return exit_code
 
 
 def audit_to_stderr(log_format: str = "text", stream: TextIO | None = None) -> None:

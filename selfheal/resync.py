@@ -214,7 +214,8 @@ def _seq_state(info: TableInfo) -> Query:
     )
 
 
-def _lock_key(info: TableInfo) -> int:
+def lock_key(info: TableInfo) -> int:
+    """The advisory lock key that serializes everything moving `info`'s sequence."""
     key = (_LOCK_SPACE << 32) | info.sequence_oid
     return key - (1 << 64) if key >= 1 << 63 else key
 
@@ -239,7 +240,7 @@ def advance(
             " set_config('statement_timeout', %(statement_timeout)s, true)",
             timeouts,
         )
-        yield Query("SELECT pg_advisory_xact_lock(%s)", (_lock_key(info),))
+        yield Query("SELECT pg_advisory_xact_lock(%s)", (lock_key(info),))
         (key_max, key_min), = yield Query(_key_extremes(info))
         (last, called, isolation), = yield _seq_state(info)
         if isolation != "read committed":

@@ -118,9 +118,9 @@ def lock_key(conn: psycopg.Connection, table: str) -> int:
     """The advisory lock key selfheal's healers of `table`'s sequence take."""
     from selfheal._drive import run
     from selfheal.discover import describe
-    from selfheal.resync import _lock_key
+    from selfheal.resync import lock_key as key_of
 
-    return _lock_key(run(conn, describe(table)))
+    return key_of(run(conn, describe(table)))
 
 
 def seq_next(conn: psycopg.Connection, seq: str) -> int:
