@@ -14,8 +14,9 @@ clause is the whole hot path:
   transaction-local marker and queues one event; later rows of the statement
   see the marker and queue nothing.
 
-At the end of the statement that one event runs ``selfheal_guard_fix`` (a
-function in the table's schema), which moves the sequence past the table's
+The marker is set by ``selfheal_guard_mark``; at the end of the statement
+the one event runs ``selfheal_guard_fix`` (both functions of the table's
+schema), which moves the sequence past the table's
 keys with the same arithmetic and advisory lock as `selfheal.resync`: forward
 only, bounded lock wait, the lock released before the statement ends. It runs
 with its owner's rights (the role that installed it), its search_path pinned
@@ -41,11 +42,12 @@ from psycopg import sql
 from .discover import TableInfo
 from .resync import DRAW_LIMIT, lock_key
 
-__all__ = ["FIX_FUNCTION", "GUARD_LOCK_TIMEOUT", "TRIGGER", "GuardState", "install", "remove",
-           "states"]
+__all__ = ["FIX_FUNCTION", "GUARD_LOCK_TIMEOUT", "MARK_FUNCTION", "TRIGGER", "GuardState",
+           "install", "remove", "states"]
 
 TRIGGER = "selfheal_guard"
 FIX_FUNCTION = "selfheal_guard_fix"
+MARK_FUNCTION = "selfheal_guard_mark"
 
 #: How long, in seconds, a guarded write waits for the sequence's advisory lock
 #: (held by a heal or another guard for milliseconds) before it gives up moving
@@ -55,6 +57,21 @@ GUARD_LOCK_TIMEOUT = 0.25
 # The transaction-local setting that says "a key past the sequence was written
 # by the current statement, and its event is queued"; the event clears it.
 _MARKER = "selfheal.guard_"
+
+# Set the marker, from the WHEN clause: true for the first row of a statement
+# past the sequence. The WHEN clause tests the marker itself first, so later
+# rows cost a setting lookup, not a call. Every call in a WHEN clause costs
+# each statement (default ids included) microseconds to prepare: one
+# function here is cheaper than set_config() and its comparison.
+_MARK_BODY = """\
+BEGIN
+  IF pg_catalog.current_setting(marker, true) IS DISTINCT FROM 'pending' THEN
+    PERFORM pg_catalog.set_config(marker, 'pending', true);
+    RETURN true;
+  END IF;
+  RETURN false;
+END
+"""
 
 # TG_ARGV: root table oid, key column, sequence oid, advisory lock key, lock
 # wait (ms), and the largest gap closed by drawing values (see selfheal.resync.DRAW_LIMIT).
@@ -165,30 +182,33 @@ def _past_sequence(info: TableInfo, server_version: int) -> sql.Composable:
     ).format(seq=sql.Literal(info.sequence_oid), past=past)
 
 
-def _function(schema: str) -> list[sql.Composed]:
+def _functions(schema: str) -> list[sql.Composed]:
     fix = sql.Identifier(schema, FIX_FUNCTION)
+    mark = sql.Identifier(schema, MARK_FUNCTION)
     return [
         sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql"
                 " SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
                 " AS {}").format(fix, sql.Literal(_FIX_BODY)),
         sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(fix),
+        # Runs with the writer's rights, on the writer's own session: every
+        # writer must be able to call it, or its writes would fail.
+        sql.SQL("CREATE OR REPLACE FUNCTION {}(marker text) RETURNS boolean"
+                " LANGUAGE plpgsql AS {}").format(mark, sql.Literal(_MARK_BODY)),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}(text) TO PUBLIC").format(mark),
     ]
 
 
 def _trigger(info: TableInfo, root_oid: int, server_version: int) -> sql.Composed:
-    # Every clause after the first costs each statement a few microseconds to
-    # prepare, so the WHEN clause is kept to what the marker needs: test, then
-    # set (set_config() returns the value it set).
-    marker = sql.Literal(_marker(root_oid))
     return sql.SQL(
         "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OF {col} ON {tbl}"
         " FOR EACH ROW WHEN ({past}"
         " AND pg_catalog.current_setting({marker}, true) IS DISTINCT FROM 'pending'"
-        " AND pg_catalog.set_config({marker}, 'pending', true) = 'pending')"
+        " AND {mark}({marker}))"
         " EXECUTE FUNCTION {fn}({args})"
     ).format(
         name=sql.Identifier(TRIGGER), col=sql.Identifier(info.column), tbl=info.table_ident,
-        past=_past_sequence(info, server_version), marker=marker,
+        past=_past_sequence(info, server_version), marker=sql.Literal(_marker(root_oid)),
+        mark=sql.Identifier(info.schema, MARK_FUNCTION),
         fn=sql.Identifier(info.schema, FIX_FUNCTION),
         args=sql.SQL(", ").join(sql.Literal(v) for v in _fix_args(info, root_oid)),
     )
@@ -253,7 +273,7 @@ def install(conn: psycopg.Connection[Any], state: GuardState, oid: int) -> None:
     """
     info = state.info
     with conn.transaction():
-        for stmt in _function(info.schema):
+        for stmt in _functions(info.schema):
             conn.execute(stmt)
         conn.execute(_trigger(info, oid, conn.info.server_version))
         # Also the clones on partitions, one of which may have been disabled.
@@ -262,7 +282,7 @@ def install(conn: psycopg.Connection[Any], state: GuardState, oid: int) -> None:
 
 
 def remove(conn: psycopg.Connection[Any], state: GuardState, oid: int) -> None:
-    """Remove the guard of one table, and the schema's function once unused."""
+    """Remove the guard of one table, and the schema's functions once unused."""
     info = state.info
     with conn.transaction():
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
@@ -274,6 +294,7 @@ def remove(conn: psycopg.Connection[Any], state: GuardState, oid: int) -> None:
             " WHERE n.nspname = %s AND p.proname = %s)", (info.schema, FIX_FUNCTION)
         ).fetchone()
         if used and not used[0]:
-            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
-                sql.Identifier(info.schema, FIX_FUNCTION)))
+            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}(), {}(text)").format(
+                sql.Identifier(info.schema, FIX_FUNCTION),
+                sql.Identifier(info.schema, MARK_FUNCTION)))
 

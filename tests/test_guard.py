@@ -92,7 +92,7 @@ class TestCommands:
         functions = conn.execute(
             "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
             " ORDER BY 1").fetchall()
-        assert functions == [("mine",), ("selfheal_guard_fix",)]
+        assert functions == [("mine",), ("selfheal_guard_fix",), ("selfheal_guard_mark",)]
 
         code, done = guard_json(dsn, "remove")
         assert code == 0 and {t["action"] for t in done} == {"removed"}

@@ -107,6 +107,17 @@ class TestEntrypoint:
         assert proc.stdout.splitlines()[-1] == "app started"
         assert next_value(dsn, "public.users_id_seq") == 7
 
+    def test_fixes_then_guards_when_asked(self, conn: psycopg.Connection, dsn: str) -> None:
+        """SELFHEAL_GUARD_ON_START=1 installs the guard after the fix; an explicit id
+        written afterwards by a plain client no longer drifts the sequence."""
+        seed(conn, users=6)
+        proc = self.run(dsn, SELFHEAL_FIX_ON_START="1", SELFHEAL_GUARD_ON_START="1",
+                        SELFHEAL_FIX_ARGS="--table users")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "app started"
+        conn.execute("INSERT INTO users (id) VALUES (40)")
+        assert next_value(dsn, "public.users_id_seq") == 41
+
     def test_leaves_database_alone_by_default(self, conn: psycopg.Connection,
                                               dsn: str) -> None:
         """Without the variable the app starts and nothing is touched."""

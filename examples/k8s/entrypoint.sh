@@ -4,6 +4,12 @@
 #
 #   SELFHEAL_FIX_ON_START=1         run `selfheal fix` on $DATABASE_URL first
 #   SELFHEAL_FIX_ARGS="--databases tenant%"   extra arguments (word-split)
+#   SELFHEAL_GUARD_ON_START=1       then `selfheal guard install` (same arguments;
+#                                   needs the tables' owner or TRIGGER privilege)
+#
+# A restore is the case the guard cannot see (pg_restore --data-only
+# --disable-triggers, session_replication_role = replica): run `fix` after it,
+# guard or no guard.
 #
 # Use it as the image's ENTRYPOINT, with the app as CMD:
 #   ENTRYPOINT ["/entrypoint.sh"]
@@ -16,6 +22,14 @@ case "${SELFHEAL_FIX_ON_START:-0}" in
     # the app would fail on the same database, and a restart retries both.
     # shellcheck disable=SC2086  # SELFHEAL_FIX_ARGS is meant to be word-split
     selfheal fix ${SELFHEAL_FIX_ARGS:-}
+    ;;
+esac
+
+case "${SELFHEAL_GUARD_ON_START:-0}" in
+  1|true|yes)
+    # Idempotent: a guarded table is left as it is.
+    # shellcheck disable=SC2086
+    selfheal guard install ${SELFHEAL_FIX_ARGS:-}
     ;;
 esac
 
