@@ -20,6 +20,7 @@ import pytest
 from selfheal.cli import main
 
 from .conftest import lock_key, seq_next
+from .tenants import dbname, make_tenants, next_value, seed, unique_prefix
 
 TABLES = """
 CREATE TABLE orders (id bigserial PRIMARY KEY, note text);
@@ -152,6 +153,74 @@ class TestCommands:
         assert main(["guard", "status", guarded, "--table", "orders"]) == 0
         out = capsys.readouterr().out
         assert "public.orders" in out and "guarded" in out and "1 of 1 tables guarded" in out
+
+
+class TestFleet:
+    def test_tenant_databases(self, make_db: Callable[..., str]) -> None:
+        """--databases guards every tenant database; status is per table and database."""
+        prefix = unique_prefix("g")
+        dsns = make_tenants(make_db, prefix, 3, users=2)
+        pattern = prefix.replace("_", "\\_") + "%"
+        code, done = guard_json(dsns[0], "install", "--databases", pattern)
+        assert code == 0
+        assert {t["database"] for t in done} == {f"{prefix}{i:04d}" for i in range(1, 4)}
+        assert {t["action"] for t in done} == {"installed"}
+        assert len(done) == 3 * len({t["table"] for t in done}) and len(done) > 3
+        code, found = guard_json(dsns[0], "status", "--databases", pattern)
+        assert code == 1  # guarded, but the seeded users drifted before the install
+        assert {t["guard"] for t in found} == {"guarded"}
+        assert {t["table"] for t in found if t["in_sync"] is False} == {"users"}
+        assert main(["fix", dsns[0], "--databases", pattern]) == 0
+        assert guard_json(dsns[0], "status", "--databases", pattern)[0] == 0
+        with psycopg.connect(dsns[2], autocommit=True) as c:
+            c.execute("INSERT INTO users (id) VALUES (900)")
+        assert next_value(dsns[2], "public.users_id_seq") == 901
+
+    def test_schema_per_tenant(self, dsn: str, conn: psycopg.Connection) -> None:
+        """--schema 'tenant\\_%' guards each tenant schema's tables, with that schema's
+        own functions, and nothing outside it."""
+        seed(conn, users=0)
+        for schema in ("tenant_a", "tenant_b"):
+            seed(conn, schema, users=0)
+        code, done = guard_json(dsn, "install", "--schema", "tenant\\_%")
+        assert code == 0 and {t["schema"] for t in done} == {"tenant_a", "tenant_b"}
+        rows = conn.execute("SELECT pronamespace::regnamespace::text, count(*) FROM pg_proc"
+                            " WHERE proname LIKE 'selfheal%' GROUP BY 1 ORDER BY 1").fetchall()
+        assert rows == [("tenant_a", 2), ("tenant_b", 2)]
+        conn.execute("INSERT INTO tenant_b.users (id) VALUES (30)")
+        assert next_value(dsn, "tenant_b.users_id_seq") == 31
+
+    def test_a_table_that_cannot_be_guarded(self, dsn: str, conn: psycopg.Connection,
+                                            make_role: Callable[..., str]) -> None:
+        """A role that owns one table but may not create functions in its schema:
+        that table fails with one line on stderr, exit 2; the others are guarded."""
+        conn.execute("CREATE SCHEMA locked")
+        conn.execute("CREATE TABLE locked.t (id serial PRIMARY KEY)")
+        conn.execute("CREATE SCHEMA mine")
+        role = make_role("GRANT USAGE, CREATE ON SCHEMA mine TO {role}",
+                         "GRANT USAGE ON SCHEMA locked TO {role}",
+                         "ALTER TABLE locked.t OWNER TO {role}")
+        with psycopg.connect(role, autocommit=True) as c:
+            c.execute("CREATE TABLE mine.t (id serial PRIMARY KEY)")
+        code, out, err = cli("guard", "install", role, "--json")
+        assert code == 2, err
+        found = {(t["schema"], t["table"]): t for t in json.loads(out)}
+        assert found[("mine", "t")]["guard"] == "guarded"
+        assert "permission denied for schema locked" in found[("locked", "t")]["error"]
+        assert [line for line in err.splitlines() if line.startswith("selfheal:")] == [
+            f"selfheal: {found[('locked', 't')]['database']}: locked.t:"
+            f" {found[('locked', 't')]['error']}"]
+        assert "Traceback" not in err
+
+    def test_openmetrics(self, guarded: str) -> None:
+        """--format openmetrics: one selfheal_table_guarded gauge per table."""
+        code, out, _ = cli("guard", "status", guarded, "--format", "openmetrics",
+                           "--table", "orders")
+        assert code == 0
+        lines = [line for line in out.splitlines() if line.startswith("selfheal_table")]
+        assert lines == [f'selfheal_table_guarded{{database="{dbname(guarded)}",'
+                         'schema="public",table="orders"} 1']
+        assert out.endswith("# EOF\n")
 
 
 class TestExplicitWrites:
