@@ -131,6 +131,10 @@ class SequenceReport:
             data["changed"] = self.changed
             if dry_run:
                 data["would_move_to"] = self.move_to
+            if self.resync is not None and self.resync.keys_past is not None:
+                # What drifted it: how many keys lay past the sequence, from where.
+                data["keys_past"] = self.resync.keys_past
+                data["first_key_past"] = self.resync.first_key_past
         if self.error is not None:
             data["error"] = self.error
         return data

@@ -261,4 +261,5 @@ def _heal_event(
         method=result.method,
         duration_ms=_ms(started),
         retry="not_attempted",
+        **report.cause(result),
     )

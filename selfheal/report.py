@@ -37,7 +37,8 @@ import structlog
 if TYPE_CHECKING:
     from .resync import ResyncResult, SequenceStatus
 
-__all__ = ["Heal", "HealFailure", "Location", "fixed", "logger", "resync_failed", "resynced"]
+__all__ = ["Heal", "HealFailure", "Location", "cause", "fixed", "logger", "resync_failed",
+           "resynced"]
 
 logger = structlog.get_logger("selfheal")
 _fallback = logging.getLogger("selfheal")
@@ -80,6 +81,13 @@ class Heal(Location):
     #: Who healed: "connection" (a healing connection, after a collision) or
     #: "fix" (``selfheal fix`` or ``manage.py selfheal_fix``, an operator).
     origin: str = "connection"
+    #: The cause, as the heal found it: how many keys lay at or past the
+    #: sequence's next value (counted up to 1000: `keys_past_capped`), and
+    #: their range. None when nothing had to move.
+    keys_past: int | None = None
+    keys_past_capped: bool = False
+    first_key_past: int | None = None
+    last_key_past: int | None = None
 
     @property
     def changed(self) -> bool:
@@ -137,7 +145,18 @@ def fixed(database: str, status: SequenceStatus, result: ResyncResult,
     resynced(Heal(database=database, schema=result.schema, table=result.table,
                   column=result.column, constraint=status.constraint, sequence=result.sequence,
                   before=result.before, after=result.after, method=result.method,
-                  duration_ms=duration_ms, retry="not_attempted", origin="fix"))
+                  duration_ms=duration_ms, retry="not_attempted", origin="fix",
+                  **cause(result)))
+
+
+def cause(result: ResyncResult) -> dict[str, Any]:
+    """The `Heal` fields that describe the cause, from a `ResyncResult`."""
+    from .resync import CAUSE_LIMIT
+
+    if result.keys_past is None:
+        return {}
+    return {"keys_past": result.keys_past, "keys_past_capped": result.keys_past >= CAUSE_LIMIT,
+            "first_key_past": result.first_key_past, "last_key_past": result.key_value}
 
 
 def resync_failed(failure: HealFailure) -> None:
@@ -243,6 +262,10 @@ def _send_heal(heal: Heal) -> None:
                 "duration_ms": heal.duration_ms,
                 "retry": heal.retry,
                 "origin": heal.origin,
+                "keys_past": heal.keys_past,
+                "keys_past_capped": heal.keys_past_capped,
+                "first_key_past": heal.first_key_past,
+                "last_key_past": heal.last_key_past,
                 "repeats_since_last_event": held,
             }
         },

@@ -48,6 +48,9 @@ __all__ = [
 #: second, so this bound keeps a heal within a few milliseconds.
 DRAW_LIMIT = 10_000
 
+#: Keys past the sequence are counted up to this many (one bounded index scan).
+CAUSE_LIMIT = 1000
+
 #: Default bound, in seconds, on lock waits during a resync.
 LOCK_TIMEOUT = 2.0
 
@@ -75,6 +78,11 @@ class ResyncResult:
     method: str = "none"
     #: The highest key (lowest for a descending sequence), None for an empty table.
     key_value: int | None = None
+    #: What the heal found of the cause: how many keys lay at or past the
+    #: sequence's next value (counted up to `CAUSE_LIMIT`), and the first of
+    #: them; the last is `key_value`. None when the sequence was already past.
+    keys_past: int | None = None
+    first_key_past: int | None = None
 
     @property
     def changed(self) -> bool:
@@ -253,7 +261,9 @@ def advance(
         before = next_value(last, called, info.increment)
         target = target_value(before, info.increment, key)
         method = "none"
+        past = first = None
         if target is not None:
+            (past, first), = yield _keys_past(info, before)
             if not info.min_value <= target <= info.max_value:
                 raise errors.SequenceExhausted(
                     f"sequence {info.sequence} cannot move past key {key} of"
@@ -282,6 +292,24 @@ def advance(
         after=after,
         method=method,
         key_value=key,
+        keys_past=past,
+        first_key_past=first,
+    )
+
+
+def _keys_past(info: TableInfo, next_val: int) -> Query:
+    # The keys the sequence would run into, nearest first: what drifted it
+    # (one explicit id far ahead, or a whole seeded range) reads from these.
+    ascending = info.increment > 0
+    return Query(
+        sql.SQL(
+            "SELECT count(*), {first}(k) FROM (SELECT {col} AS k FROM {tbl}"
+            " WHERE {col} {cmp} %s ORDER BY {col} {order} LIMIT %s) s"
+        ).format(first=sql.SQL("min" if ascending else "max"),
+                 col=sql.Identifier(info.column), tbl=info.table_ident,
+                 cmp=sql.SQL(">=" if ascending else "<="),
+                 order=sql.SQL("ASC" if ascending else "DESC")),
+        (next_val, CAUSE_LIMIT),
     )
 
 

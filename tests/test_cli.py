@@ -165,8 +165,10 @@ class TestSingleDatabase:
         users = by_table["users"]
         assert (users["before"], users["after"], users["changed"]) == (1, 8, True)
         assert (users["next_value"], users["in_sync"], users["max_value"]) == (8, True, 7)
+        assert (users["keys_past"], users["first_key_past"]) == (7, 1)  # the seeded range
         items = by_table["items"]
         assert (items["before"], items["after"], items["changed"]) == (2, 2, False)
+        assert "keys_past" not in items
 
     def test_repeated_table(self, capsys: pytest.CaptureFixture[str], conn: psycopg.Connection,
                             dsn: str) -> None:

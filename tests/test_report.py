@@ -96,6 +96,31 @@ class TestAuditEvents:
             "method": "nextval", "retry": "succeeded"}
         assert event["duration_ms"] > 0
         assert SECRET not in repr(logs)
+        # The cause: the seeded range the sequence would have run into.
+        assert {k: event[k] for k in ("keys_past", "keys_past_capped", "first_key_past",
+                                      "last_key_past")} == {
+            "keys_past": 11, "keys_past_capped": False, "first_key_past": 2,
+            "last_key_past": 12}
+
+    def test_cause_is_bounded(self, conn: psycopg.Connection, dsn: str) -> None:
+        """A large seeded range is counted up to 1000 keys (capped), its range in full;
+        one explicit id far ahead reads as a single key."""
+        make_drifted(conn, behind=5000)
+        conn.execute("INSERT INTO payments (id, note) VALUES (90000, 'far')")
+        with HealingConnection.connect(dsn, autocommit=True) as hc, capture_logs() as logs:
+            hc.execute("INSERT INTO payments (note) VALUES ('x')")
+        [event] = logs
+        assert (event["keys_past"], event["keys_past_capped"], event["first_key_past"],
+                event["last_key_past"]) == (1000, True, 2, 90000)
+        conn.execute("CREATE TABLE far (id serial PRIMARY KEY)")
+        conn.execute("INSERT INTO far SELECT generate_series(1, 3)")
+        conn.execute("SELECT setval('far_id_seq', 3)")
+        conn.execute("INSERT INTO far VALUES (50)")
+        with HealingConnection.connect(dsn, autocommit=True) as hc, capture_logs() as logs:
+            for _ in range(47):
+                hc.execute("INSERT INTO far DEFAULT VALUES")
+        [event] = [e for e in logs if e["event"] == "sequence_already_in_sync"]
+        assert event["keys_past"] is None  # the collision drew the last stale value
 
     def test_failed_event(self, conn: psycopg.Connection, dsn: str) -> None:
         """sequence_resync_failed names the location and the error class."""
