@@ -314,15 +314,18 @@ def _run(args: argparse.Namespace) -> int:
         text = render_table(report, verbose=args.verbose)
     # Where a script looks for failures, whatever the report's format and place.
     for db in report.failed:
-        if db.error is not None:
-            print(f"selfheal: {db.target.name}: {db.error}", file=sys.stderr)
+        _failure(db.target.name, db.error)
         for schema, table, why in db.unreadable:
-            print(f"selfheal: {db.target.name}: {schema}.{table}: {why}", file=sys.stderr)
+            _failure(db.target.name, why, f"{schema}.{table}")
         for s in db.sequences:
-            if s.error is not None:
-                print(f"selfheal: {db.target.name}: {s.found.schema}.{s.found.table}:"
-                      f" {s.error}", file=sys.stderr)
+            _failure(db.target.name, s.error, f"{s.found.schema}.{s.found.table}")
     return _emit(text, args.output, report.exit_code)
+
+
+def _failure(database: str, error: str | None, where: str | None = None) -> None:
+    """One line on stderr for a failed database or table (nothing when `error` is None)."""
+    if error is not None:
+        print(f"selfheal: {database}: {where + ': ' if where else ''}{error}", file=sys.stderr)
 
 
 def _guard(args: argparse.Namespace, targets: list[fleet.Target], options: dict[str, Any]
@@ -336,12 +339,9 @@ def _guard(args: argparse.Namespace, targets: list[fleet.Target], options: dict[
     else:
         text = render_guard_table(report)
     for db in report.databases:
-        if db.error is not None:
-            print(f"selfheal: {db.target.name}: {db.error}", file=sys.stderr)
+        _failure(db.target.name, db.error)
         for t in db.tables:
-            if t.error is not None:
-                print(f"selfheal: {db.target.name}: {t.found.info.qualified_table}:"
-                      f" {t.error}", file=sys.stderr)
+            _failure(db.target.name, t.error, t.found.info.qualified_table)
     return _emit(text, args.output, report.exit_code)
 
 
