@@ -13,6 +13,7 @@ is sent. Without SENTRY_DSN this example runs with Sentry off.
 
 import os
 
+import psycopg
 import sentry_sdk
 
 from selfheal import HealingConnection
@@ -25,10 +26,13 @@ sentry_sdk.init(
     send_default_pii=False,
 )
 
+# A seeder that is not selfheal writes ids of its own: the sequence stays behind.
+with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as seeder:
+    seeder.execute("DROP TABLE IF EXISTS example_refunds")
+    seeder.execute("CREATE TABLE example_refunds (id serial PRIMARY KEY, cents int)")
+    seeder.execute("INSERT INTO example_refunds (id, cents) VALUES (1, 500), (2, 700)")
+
 with HealingConnection.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-    conn.execute("DROP TABLE IF EXISTS example_refunds")
-    conn.execute("CREATE TABLE example_refunds (id serial PRIMARY KEY, cents int)")
-    conn.execute("INSERT INTO example_refunds (id, cents) VALUES (1, 500), (2, 700)")
     row = conn.execute("INSERT INTO example_refunds (cents) VALUES (900) RETURNING id").fetchone()
     state = "on" if sentry_sdk.get_client().is_active() else "off"
     print(f"refund {row[0]} recorded; Sentry {state}")

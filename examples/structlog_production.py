@@ -26,11 +26,16 @@ structlog.configure(
     cache_logger_on_first_use=True,
 )
 
+import psycopg  # noqa: E402
+
 from selfheal import HealingConnection  # noqa: E402  (configure logging first)
 
+# A seeder that is not selfheal writes ids of its own: the sequence stays behind.
+with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as seeder:
+    seeder.execute("DROP TABLE IF EXISTS example_invoices")
+    seeder.execute("CREATE TABLE example_invoices (id serial PRIMARY KEY, total int)")
+    seeder.execute("INSERT INTO example_invoices (id, total) VALUES (1, 10), (2, 20), (3, 30)")
+
 with HealingConnection.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-    conn.execute("DROP TABLE IF EXISTS example_invoices")
-    conn.execute("CREATE TABLE example_invoices (id serial PRIMARY KEY, total int)")
-    conn.execute("INSERT INTO example_invoices (id, total) VALUES (1, 10), (2, 20), (3, 30)")
     # Prints: {"database": ..., "table": "example_invoices", ..., "event": "sequence_resynced"}
     conn.execute("INSERT INTO example_invoices (total) VALUES (40)")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Shape", "shape", "shape_of"]
+__all__ = ["Shape", "redacted", "shape", "shape_of", "text_of"]
 
 #: Statements that can draw from a sequence, directly or through triggers/rules.
 DRAWING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "CALL", "DO", "EXECUTE"})
@@ -295,6 +295,83 @@ def shape(query: Any, conn: Any) -> Shape:
             _shapes.clear()
         _shapes[key] = found
     return found
+
+
+def redacted(text: str, limit: int = 500) -> str:
+    """`text` without its values, for audit events: what the caller's code wrote.
+
+    String constants, dollar-quoted strings and numbers become ``?``,
+    comments and runs of white space one space; parameter placeholders
+    (``%s``, ``%(name)s``, ``$1``) and names stay. At most `limit` characters.
+    """
+    out: list[str] = []
+    i, n, size = 0, len(text), 0
+    while i < n and size < limit:
+        c = text[i]
+        if c.isspace() or text.startswith(("--", "/*"), i):
+            if c.isspace():
+                i += 1
+            elif c == "-":
+                j = text.find("\n", i)
+                i = n if j < 0 else j + 1
+            else:
+                i = _skip_block_comment(text, i)
+            if out and out[-1] != " ":
+                out.append(" ")
+                size += 1
+            continue
+        if c == "'" or (c in "eEnNbBxXuU" and text.startswith("'", i + 1)
+                        and not (out and _ident_char(out[-1][-1]))):
+            i = _skip_string(text, i + 1 if c == "'" else i + 2, escapes=c in "eE")
+            piece = "?"
+        elif c == "$" and (tag_end := _dollar_tag_end(text, i)) > 0:
+            tag = text[i:tag_end]
+            j = text.find(tag, tag_end)
+            i = n if j < 0 else j + len(tag)
+            piece = "?"
+        elif c == "$" or c == "%":
+            # A placeholder: $1, %s, %(name)s; kept as written.
+            j = i + 1
+            if c == "%" and text.startswith("(", j):
+                k = text.find(")", j)
+                j = n if k < 0 else k + 1
+            while j < n and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            piece, i = text[i:j], j
+        elif c.isdigit() or (c == "." and i + 1 < n and text[i + 1].isdigit()):
+            j = i + 1
+            while j < n and (text[j].isalnum() or text[j] in "._"):
+                j += 1
+            piece, i = "?", j
+        elif c == '"' or c.isalpha() or c == "_":
+            j = i + 1
+            if c == '"':
+                k = i + 1
+                while True:
+                    k = text.find('"', k)
+                    if k < 0 or not text.startswith('"', k + 1):
+                        break
+                    k += 2
+                j = n if k < 0 else k + 1
+            else:
+                while j < n and (_ident_char(text[j]) or text[j] == "$"):
+                    j += 1
+            piece, i = text[i:j], j
+        else:
+            piece, i = c, i + 1
+        out.append(piece)
+        size += len(piece)
+    result = "".join(out).strip()
+    return result[:limit] if i >= n and size <= limit else result[:limit - 3] + "..."
+
+
+def _ident_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def text_of(query: Any, conn: Any) -> str:
+    """The text of a driver's `query` (a string, bytes or a composed query)."""
+    return _text(query, conn)
 
 
 def _text(query: Any, conn: Any) -> str:

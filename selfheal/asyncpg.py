@@ -44,13 +44,13 @@ from asyncpg.prepared_stmt import PreparedStatement
 from psycopg.pq import TransactionStatus
 from psycopg.sql import Composable
 
-from . import _ops
+from . import _ops, explicit
 from ._ops import STATEMENT, Batch, Command, FreshQuery, Operation, Query, Request, Statement
-from ._sqltext import shape
+from ._sqltext import redacted, shape
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
-from .protect import Planner
+from .protect import Planner, Write
 
 __all__ = ["HealOptions", "HealingConnection", "HealingPreparedStatement"]
 
@@ -128,13 +128,13 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         if self._selfheal_busy:
             return await _base_execute_args(self, query, args, limit, timeout, **kwargs)
         mode = None
+        planner = self._selfheal_planner
         if not self._selfheal_failed and self._protocol.is_in_transaction():
-            mode = self._selfheal_planner.plan(_INTRANS, True, query, self,
-                                               self.selfheal_options)
+            mode = planner.plan(_INTRANS, True, query, self, self.selfheal_options)
         if mode is _PASS:
             # The hot path: inside a transaction, nothing to protect.
             try:
-                return await _base_execute_args(self, query, args, limit, timeout, **kwargs)
+                value = await _base_execute_args(self, query, args, limit, timeout, **kwargs)
             except _Unique as ex:
                 self._selfheal_failure()
                 await self._selfheal_heal_only(ex, query)
@@ -142,6 +142,9 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
             except _Error:
                 self._selfheal_failure()
                 raise
+            if planner.explicit:
+                await self._selfheal_explicit(planner.explicit, query)
+            return value
         return await self._selfheal_run(query, lambda: _base_execute_args(
             self, query, args, limit, timeout, **kwargs), mode=mode)
 
@@ -199,12 +202,15 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         decides (`mode`, when decided already); heal and retry it once if it collides.
 
         `prefixed` runs it behind selfheal's savepoint in one string, when it can."""
+        planner = self._selfheal_planner
         if mode is None:
             status = self._selfheal_status()
-            planner = self._selfheal_planner
-            if status is _IDLE and planner.facts.due:
-                await self._selfheal_refresh()
             mode = planner.plan(status, True, query, self, self.selfheal_options)
+            if status is _IDLE and planner.facts.due:
+                # What the statement asked to know (or earlier ones) is read first.
+                await self._selfheal_refresh()
+                mode = planner.plan(status, True, query, self, self.selfheal_options)
+        wrote = planner.explicit
         if mode is _PASS or mode is _HEAL_ONLY:
             try:
                 value = await run()
@@ -216,7 +222,17 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
                 self._selfheal_failure()
                 raise
             self._selfheal_failed = False
-            return value
+        else:
+            value = await self._selfheal_protected(query, run, prefixed, mode)
+        if wrote:
+            await self._selfheal_explicit(wrote, query)
+        elif planner.deferred and not self._protocol.is_in_transaction():
+            await self._selfheal_refresh()  # the transaction that wrote them is over
+        return value
+
+    async def _selfheal_protected(self, query: str, run: Callable[[], Awaitable[Any]],
+                                  prefixed: Callable[[], Awaitable[Any]] | None,
+                                  mode: Mode) -> Any:
         # The statement may run twice: the caller sees the notices of the
         # attempt that counts only.
         held: list[Any] | None = [] if self._log_listeners else None
@@ -361,8 +377,34 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         return value
 
     async def _selfheal_refresh(self) -> None:
-        await self._selfheal_drive(self._selfheal_planner.facts.refresh(
-            self.selfheal_options.verified_for))
+        planner = self._selfheal_planner
+        await self._selfheal_drive(planner.facts.refresh(self.selfheal_options.verified_for))
+        if planner.deferred and self.selfheal_options.explicit_ids != "allow":
+            # Writes into tables the check has just told about.
+            for writes, statement in planner.take_deferred():
+                await self._selfheal_settle(
+                    explicit.settle(writes, "autocommit", self.selfheal_options), statement)
+
+    async def _selfheal_explicit(self, wrote: tuple[Write, ...], query: str) -> None:
+        """After a statement that wrote keys of its own: look, advance (`selfheal.explicit`)."""
+        options = self.selfheal_options
+        if options.explicit_ids == "allow":
+            return
+        status = self._selfheal_status()
+        if status is _INERROR:
+            return
+        statement = redacted(query)
+        writes = self._selfheal_planner.writes(wrote, statement)
+        if writes:
+            where = "transaction" if status is _INTRANS else "autocommit"
+            await self._selfheal_settle(explicit.settle(writes, where, options), statement)
+
+    async def _selfheal_settle(self, op: Operation[list[explicit.Outcome]],
+                               statement: str) -> None:
+        outcomes = await self._selfheal_drive(op)
+        if outcomes:
+            explicit.report_outcomes(outcomes, self._selfheal_database, statement,
+                                     self.selfheal_options, self._selfheal_planner.facts)
 
     # -- serving the core's requests ----------------------------------------------
 

@@ -28,11 +28,13 @@ from .errors import SelfhealError
 from .insync import Facts
 from .resync import LOCK_TIMEOUT, STATEMENT_TIMEOUT, ResyncResult, advance, scoped
 
-__all__ = ["PROTECT", "HealOptions", "Mode", "after_failure", "heal_flow"]
+__all__ = ["EXPLICIT_IDS", "PROTECT", "HealOptions", "Mode", "after_failure", "heal_flow"]
 
 
 #: The values of `HealOptions.protect`.
 PROTECT = ("auto", "always")
+#: The values of `HealOptions.explicit_ids`.
+EXPLICIT_IDS = ("advance", "warn", "allow")
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,16 @@ class HealOptions:
     protect: str = "auto"
     #: Seconds a table verified in sync stays trusted without a new check.
     verified_for: float = 1.0
+    #: A statement that writes keys of its own into a sequence-backed primary
+    #: key (an INSERT naming the key, or one without a column list), once it
+    #: succeeded: "advance" moves the sequence past them and reports it,
+    #: "warn" only reports, "allow" does nothing. See `selfheal.explicit`.
+    explicit_ids: str = "advance"
 
     def __post_init__(self) -> None:
+        if self.explicit_ids not in EXPLICIT_IDS:
+            raise ValueError(f"explicit_ids must be one of {', '.join(map(repr, EXPLICIT_IDS))},"
+                             f" not {self.explicit_ids!r}")
         if self.protect not in PROTECT:
             raise ValueError(f"protect must be one of {', '.join(map(repr, PROTECT))},"
                              f" not {self.protect!r}")
@@ -143,6 +153,8 @@ def heal_flow(
         heal = yield from _heal(ex, key, mode, database, options, not_healable)
         if heal is None:
             raise ex
+        if facts is not None:
+            heal = replace(heal, **facts.explicit_seen(heal.schema, heal.table))
         if facts is not None and heal.table != key[1]:
             facts.at_risk(heal.schema, heal.table)  # a partition's root
         explicit = _supplies_key(shape, key, heal)

@@ -126,6 +126,9 @@ class Facts:
         self.due = False
         #: Changes whenever what the catalog says may have changed.
         self.epoch = 0
+        #: Tables a healing connection wrote keys of its own into (`selfheal.explicit`)
+        #: -> (how many statements, the last one's text without values).
+        self.explicit_writes: dict[Key, tuple[int, str]] = {}
 
     # -- the hot path: dictionary lookups -----------------------------------------
 
@@ -176,6 +179,23 @@ class Facts:
             if len(self._risky) >= LIMIT:
                 self._risky.clear()
             self._risky[key] = time.monotonic() + period
+
+    def explicit_write(self, schema: str, table: str, statement: str) -> None:
+        """A statement through a healing connection wrote keys of its own into this table."""
+        key = (schema, table)
+        with self._lock:
+            count = self.explicit_writes.get(key, (0, ""))[0]
+            if not count and len(self.explicit_writes) >= LIMIT:
+                self.explicit_writes.clear()
+            self.explicit_writes[key] = (count + 1, statement)
+        self.at_risk(schema, table)
+
+    def explicit_seen(self, schema: str, table: str) -> dict[str, Any]:
+        """The heal event's fields telling whether this process saw explicit-id writes."""
+        found = self.explicit_writes.get((schema, table))
+        if found is None:
+            return {"explicit_writes_seen": 0}
+        return {"explicit_writes_seen": found[0], "explicit_statement": found[1]}
 
     def forget_verified(self) -> None:
         """A write selfheal cannot read (COPY): no table is known in sync any more."""

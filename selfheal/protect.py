@@ -31,10 +31,11 @@ from typing import Any
 from psycopg.pq import TransactionStatus
 
 from ._sqltext import Shape
+from .discover import TableInfo
 from .heal import HealOptions, Mode
 from .insync import Facts, Relation
 
-__all__ = ["SUBTRANSACTIONS", "Planner"]
+__all__ = ["SUBTRANSACTIONS", "Planner", "Write"]
 
 #: The most savepoints one transaction holds through selfheal, the caller's
 #: own included: PostgreSQL's per-backend subtransaction cache.
@@ -46,6 +47,9 @@ RENEW = 0.25
 
 #: Query strings whose verdicts one connection keeps.
 VERDICTS = 512
+
+#: Writes into tables not known yet that one connection keeps for later.
+DEFERRED = 16
 
 #: Statements after which what the catalog said may be wrong.
 SCHEMA_CHANGES = frozenset({"CREATE", "ALTER", "DROP", "TRUNCATE", "IMPORT", "REINDEX"})
@@ -69,6 +73,26 @@ class Kind(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Write:
+    """An INSERT that wrote, or may have written, keys of its own (`selfheal.explicit`)."""
+
+    #: The table's sequence-backed key, None while the catalog does not say.
+    info: TableInfo | None
+    #: The table as the statement names it.
+    name: tuple[str, ...]
+    #: The columns it names (None: no column list, each row may give every column).
+    columns: frozenset[str] | None
+    #: The search_path the name was read under (None: qualified, or not reported).
+    search_path: str | bytes | None = None
+
+    @property
+    def certain(self) -> bool:
+        """Whether it names the key: it wrote keys of its own."""
+        return (self.info is not None and self.columns is not None
+                and self.info.column in self.columns)
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     kind: Kind
     #: The facts' catalog epoch it was judged in.
@@ -80,6 +104,8 @@ class Verdict:
     key: tuple[str, str] | None = None
     #: MULTI: the verdict of each statement.
     parts: tuple[Verdict, ...] = ()
+    #: The INSERTs that may have written keys of their own (`selfheal.explicit`).
+    writes: tuple[Write, ...] = ()
 
 
 # Enum members as module constants: the hot path compares them by identity.
@@ -91,8 +117,8 @@ _EXPLICIT, _SCHEMA, _MULTI = Kind.EXPLICIT, Kind.SCHEMA, Kind.MULTI
 class Planner:
     """One connection's protection decisions and savepoint count."""
 
-    __slots__ = ("_verdicts", "facts", "multi_savepoints", "savepoints", "search_path", "shape",
-                 "user")
+    __slots__ = ("_verdicts", "deferred", "explicit", "facts", "multi_savepoints",
+                 "savepoints", "search_path", "shape", "user")
 
     def __init__(self, facts: Facts, user: str,
                  search_path: Callable[[], str | bytes | None],
@@ -108,6 +134,12 @@ class Planner:
         self.search_path = search_path
         #: Savepoints in the current transaction, selfheal's and the caller's.
         self.savepoints = 0
+        #: What the statement `plan` was last asked about may have written
+        #: keys of its own: checked once it succeeded (`selfheal.explicit`).
+        self.explicit: tuple[Write, ...] = ()
+        #: Writes into tables the catalog facts did not know yet, with their
+        #: statement's text: looked at after the facts' next check (`take_deferred`).
+        self.deferred: list[tuple[Write, str]] = []
         self._verdicts: dict[str | bytes, Verdict] = {}
 
     def plan(self, status: int, autocommit: bool, query: Any, conn: Any,
@@ -121,6 +153,7 @@ class Planner:
             if v is None or v.epoch != self.facts.epoch or (
                     v.search_path is not None and v.search_path != self.search_path()):
                 v = self._verdict(query, conn)
+            self.explicit = v.writes
             kind = v.kind
             if kind is _DEFAULT_KEY and options.protect == "auto":
                 # The hot path: a table verified in sync needs no savepoint.
@@ -137,15 +170,56 @@ class Planner:
         if status == _IDLE:
             self.savepoints = 0
             facts = self.facts
-            if facts.verified or facts.catalog:
+            if facts.verified or facts.catalog or options.explicit_ids != "allow":
                 # Explicit keys and DDL seen here still count.
                 v = self._verdicts.get(query) if type(query) is str else None
                 if v is None or v.epoch != facts.epoch:
                     v = self._verdict(query, conn)
+                self.explicit = v.writes
                 if v.kind is _EXPLICIT or v.kind is _SCHEMA or v.kind is _MULTI:
                     self._watch(v)
+            else:
+                self.explicit = ()
             return _AUTOCOMMIT if autocommit else _OPENED
+        self.explicit = ()
         return _PASS
+
+    def writes(self, explicit: tuple[Write, ...], statement: str | None = None
+               ) -> list[Write]:
+        """`explicit` (a verdict's writes) told by what the catalog says now.
+
+        A table the catalog did not know when the statement was planned may be
+        known now (the facts' check ran before it); one without a
+        sequence-backed key, or an INSERT that did not name the key, drops out.
+        Tables still unknown are kept with `statement` for `take_deferred`
+        (None: dropped).
+        """
+        out: list[Write] = []
+        now = time.monotonic()
+        for w in explicit:
+            if w.columns is not None and not w.columns:
+                continue  # DEFAULT VALUES
+            info = w.info
+            if info is None:
+                rel = self.facts.target(w.name, w.search_path, self.user, now)
+                if rel is None:
+                    if statement is not None and len(self.deferred) < DEFERRED:
+                        self.deferred.append((w, statement))
+                    continue
+                info = rel.info
+                if info is None:
+                    continue
+                w = Write(info, w.name, w.columns)
+            if w.columns is not None and info.column not in w.columns:
+                continue
+            out.append(w)
+        return out
+
+    def take_deferred(self) -> list[tuple[list[Write], str]]:
+        """The deferred writes, told by what the catalog says after its check."""
+        deferred, self.deferred = self.deferred, []
+        return [(writes, statement) for w, statement in deferred
+                if (writes := self.writes((w,)))]
 
     def transaction_block(self, status: int) -> None:
         """The caller opens a ``conn.transaction()`` block: a savepoint when inside one."""
@@ -236,7 +310,7 @@ class Planner:
                 return Verdict(Kind.QUIET, epoch)
             paths = {p.search_path for p in parts} - {None}
             return Verdict(Kind.MULTI, facts.epoch, paths.pop() if paths else None,
-                           parts=parts)
+                           parts=parts, writes=tuple(w for p in parts for w in p.writes))
         if keyword in SCHEMA_CHANGES:
             return Verdict(Kind.SCHEMA, epoch)
         if not s.may_draw:
@@ -245,15 +319,23 @@ class Planner:
             return Verdict(Kind.TRIGGERED, epoch)
         if keyword != "INSERT" or s.insert_table is None:
             return Verdict(Kind.UNSURE, epoch)
-        search_path = self.search_path() if len(s.insert_table) == 1 else None
-        rel = facts.target(s.insert_table, search_path, self.user, time.monotonic())
+        table, columns = s.insert_table, s.insert_columns
+        search_path = self.search_path() if len(table) == 1 else None
+        rel = facts.target(table, search_path, self.user, time.monotonic())
         epoch = facts.epoch  # target() may have learnt nothing new, or asked
-        if rel is None or rel.guarded:
-            return Verdict(Kind.UNSURE, epoch, search_path)
-        if rel.info is None:
+        if rel is None:
+            # Unknown yet: its key is looked up once the statement succeeded.
+            return Verdict(Kind.UNSURE, epoch, search_path, writes=(
+                Write(None, table, columns, search_path),))
+        info = rel.info
+        if info is None:
             return Verdict(Kind.NO_KEY, epoch, search_path, rel, rel.key)
-        if s.insert_columns is None:
+        if columns is None or info.column in columns:
+            # Naming the key, or without a column list (each row may give it).
+            writes = (Write(info, table, columns),)
+            if rel.guarded or columns is None:
+                return Verdict(Kind.UNSURE, epoch, search_path, writes=writes)
+            return Verdict(Kind.EXPLICIT, epoch, search_path, rel, rel.key, writes=writes)
+        if rel.guarded:
             return Verdict(Kind.UNSURE, epoch, search_path)
-        if rel.info.column in s.insert_columns:
-            return Verdict(Kind.EXPLICIT, epoch, search_path, rel, rel.key)
         return Verdict(Kind.DEFAULT_KEY, epoch, search_path, rel, rel.key)

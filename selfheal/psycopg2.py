@@ -36,13 +36,13 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions as ext
 
-from . import _ops
+from . import _ops, explicit
 from ._ops import STATEMENT, Batch, Command, FreshQuery, Operation, Query, Request, Statement
-from ._sqltext import shape
+from ._sqltext import redacted, shape, text_of
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
-from .protect import Planner
+from .protect import Planner, Write
 
 __all__ = ["HealingConnection", "HealOptions"]
 
@@ -84,14 +84,18 @@ class _HealingCursor:
             self._selfheal_prefix = 0
         if conn._selfheal_busy or self.name is not None:
             return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
-        if conn._selfheal_info.transaction_status == _INTRANS and conn._selfheal_planner.plan(
+        planner = conn._selfheal_planner
+        if conn._selfheal_info.transaction_status == _INTRANS and planner.plan(
                 _INTRANS, False, query, conn, conn.selfheal_options) is _PASS:
             # The hot path: inside a transaction, nothing to protect.
             try:
-                return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
+                value = self._selfheal_execute(self, query, vars)
             except psycopg2.errors.UniqueViolation as ex:
                 conn._selfheal_heal_only(ex, query)
                 raise
+            if planner.explicit:
+                conn._selfheal_explicit(planner.explicit, query)
+            return value  # type: ignore[no-any-return]
         return conn._selfheal_run(super().execute, query, vars, False)  # type: ignore[misc, no-any-return]
 
     def executemany(self, query: Any, vars_list: Any) -> None:
@@ -173,6 +177,12 @@ class HealingConnection(ext.connection):
                 kwargs["cursor_factory"] = _healing_class(factory)
         return super().cursor(*args, **kwargs)
 
+    def commit(self) -> None:
+        """As psycopg2's; writes of the transaction into tables not known yet are looked at."""
+        super().commit()
+        if self._selfheal_planner.deferred and not self._selfheal_busy:
+            self._selfheal_refresh()
+
     def __enter__(self) -> Any:
         value = super().__enter__()
         self._selfheal_entered += 1
@@ -200,23 +210,35 @@ class HealingConnection(ext.connection):
         planner = self._selfheal_planner
         options = self.selfheal_options
         if status == _IDLE:
+            autocommit = not self._selfheal_implicit()
+            mode = planner.plan(status, autocommit, query, self, options)
             if planner.facts.due:
+                # What the statement asked to know (or earlier ones) is read first.
                 self._selfheal_refresh()
-            if many and not self._selfheal_implicit():
+                mode = planner.plan(status, autocommit, query, self, options)
+            if many and autocommit:
                 # In autocommit executemany() commits row by row: rows before
                 # a failure are in, so it is never run twice.
                 mode = Mode.HEAL_ONLY
-                planner.plan(status, True, query, self, options)  # the facts still learn
-            else:
-                mode = planner.plan(status, not self._selfheal_implicit(), query, self, options)
         else:
             mode = planner.plan(status, self.autocommit, query, self, options)
+        wrote = planner.explicit
         if mode is _PASS or mode is Mode.HEAL_ONLY:
             try:
-                return method(query, params)
+                value = method(query, params)
             except psycopg2.errors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex, query)
                 raise
+        else:
+            value = self._selfheal_protected(method, query, params, mode, many)
+        if wrote:
+            self._selfheal_explicit(wrote, query)
+        elif planner.deferred and self._selfheal_info.transaction_status == _IDLE:
+            self._selfheal_refresh()  # the transaction that wrote them is over
+        return value
+
+    def _selfheal_protected(self, method: Callable[[Any, Any], Any], query: Any, params: Any,
+                            mode: Mode, many: bool) -> Any:
         notices = list(self.notices)
         if mode is Mode.SAVEPOINT:
             prefixed = None if many else _prefixed(query, self)
@@ -298,8 +320,37 @@ class HealingConnection(ext.connection):
             return  # the flow re-raises `ex`; the caller raises it itself
 
     def _selfheal_refresh(self) -> None:
-        self._selfheal_drive(self._selfheal_planner.facts.refresh(
-            self.selfheal_options.verified_for))
+        planner = self._selfheal_planner
+        self._selfheal_drive(planner.facts.refresh(self.selfheal_options.verified_for))
+        if planner.deferred and self.selfheal_options.explicit_ids != "allow":
+            # Writes into tables the check has just told about.
+            where = "idle" if self._selfheal_implicit() else "autocommit"
+            for writes, statement in planner.take_deferred():
+                self._selfheal_settle(
+                    explicit.settle(writes, where, self.selfheal_options), statement)
+
+    def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any) -> None:
+        """After a statement that wrote keys of its own: look, advance (`selfheal.explicit`)."""
+        options = self.selfheal_options
+        if options.explicit_ids == "allow":
+            return
+        status = self._selfheal_info.transaction_status
+        if status == _INTRANS:
+            where = "transaction"
+        elif status == _IDLE and not self._selfheal_implicit():
+            where = "autocommit"
+        else:
+            return  # a statement of selfheal's would open a transaction
+        statement = redacted(text_of(query, self))
+        writes = self._selfheal_planner.writes(wrote, statement)
+        if writes:
+            self._selfheal_settle(explicit.settle(writes, where, options), statement)
+
+    def _selfheal_settle(self, op: Operation[list[explicit.Outcome]], statement: str) -> None:
+        outcomes = self._selfheal_drive(op)
+        if outcomes:
+            explicit.report_outcomes(outcomes, self.info.dbname, statement,
+                                     self.selfheal_options, self._selfheal_planner.facts)
 
     # -- serving the core's requests ----------------------------------------------
 

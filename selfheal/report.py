@@ -19,7 +19,8 @@ are also sent to Sentry, one issue per
 table, at most one event per table and interval (later ones are counted and
 the count sent with the next event). See `selfheal.sentry` for the settings.
 
-No event carries query text, query parameters or row values, and reporting
+No event carries query parameters or row values (the only query text is
+that of explicit-id writes, with its values taken out), and reporting
 never raises into the application.
 """
 
@@ -88,6 +89,11 @@ class Heal(Location):
     keys_past_capped: bool = False
     first_key_past: int | None = None
     last_key_past: int | None = None
+    #: Whether this process saw statements through a healing connection write
+    #: keys of their own into the table (`selfheal.explicit`), how many, and
+    #: the last one's text without values.
+    explicit_writes_seen: int = 0
+    explicit_statement: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -266,6 +272,8 @@ def _send_heal(heal: Heal) -> None:
                 "keys_past_capped": heal.keys_past_capped,
                 "first_key_past": heal.first_key_past,
                 "last_key_past": heal.last_key_past,
+                "explicit_writes_seen": heal.explicit_writes_seen,
+                "explicit_statement": heal.explicit_statement,
                 "repeats_since_last_event": held,
             }
         },

@@ -45,11 +45,12 @@ from psycopg.connection import _WAIT_INTERVAL
 from psycopg.pq import PipelineStatus, TransactionStatus
 from psycopg.rows import Row
 
-from . import _attempt, _drive
+from . import _attempt, _drive, explicit
+from ._sqltext import redacted, text_of
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
-from .protect import Planner
+from .protect import Planner, Write
 
 __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
@@ -60,7 +61,9 @@ _EXECUTE = _attempt.EXECUTE
 # without, it would cost round trips of its own: then only executemany() gets one).
 _PIPELINES = psycopg.Pipeline.is_supported()
 _IDLE = TransactionStatus.IDLE
+_INTRANS = TransactionStatus.INTRANS
 _RV = Any
+_ExplicitOp = tuple[_drive.Operation[list[explicit.Outcome]], str]
 
 
 class _Shell:
@@ -84,6 +87,8 @@ class _Shell:
         # An executemany() queued in its own pipeline, healed when psycopg
         # syncs that pipeline: the call, its mode, an error met queueing it.
         self._selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None = None
+        # The writes of keys of its own that the pending executemany() makes.
+        self._selfheal_pending_writes: tuple[Write, ...] = ()
         # The caller's notices, held while a statement may be retried.
         self._selfheal_notices: _attempt.HeldNotices | None = None
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -99,11 +104,13 @@ class _Shell:
         if pgconn.pipeline_status != _OFF and not (
             call.pipelined and not self._selfheal_pipelines
         ):
+            self._selfheal_planner.explicit = ()
             return Mode.PASS  # the caller's pipeline: its errors come later
         status = pgconn.transaction_status
         if not call.pipelined and status == _IDLE and self._autocommit:  # type: ignore[attr-defined]
             # Without pipelines executemany() commits row by row in
             # autocommit: rows before a failure are in, so never run it twice.
+            self._selfheal_planner.plan(status, True, call.query, self, self.selfheal_options)
             return Mode.HEAL_ONLY
         return self._selfheal_planner.plan(
             status, self._autocommit, call.query, self,  # type: ignore[attr-defined]
@@ -166,6 +173,47 @@ class _Shell:
     def _selfheal_refresh_op(self) -> _drive.Operation[None]:
         return self._selfheal_planner.facts.refresh(self.selfheal_options.verified_for)
 
+    def _selfheal_explicit_ops(self, wrote: tuple[Write, ...], query: Any,
+                               in_pipeline: bool = False) -> list[_ExplicitOp]:
+        """The looks at the keys a statement that succeeded wrote (`selfheal.explicit`)."""
+        options = self.selfheal_options
+        if options.explicit_ids == "allow":
+            return []
+        pgconn = self.pgconn  # type: ignore[attr-defined]
+        if pgconn.pipeline_status != _OFF and not in_pipeline:
+            return []  # the caller's pipeline: its results are not read yet
+        status = pgconn.transaction_status
+        if status == _INTRANS:
+            where = "transaction"
+        elif status == _IDLE and self.autocommit:  # type: ignore[attr-defined]
+            where = "autocommit"
+        else:
+            return []
+        statement = redacted(text_of(query, self))
+        writes = self._selfheal_planner.writes(wrote, statement)
+        return [(explicit.settle(writes, where, options), statement)] if writes else []
+
+    def _selfheal_deferred_ops(self) -> list[_ExplicitOp]:
+        """The looks at writes into tables the facts' check has just told about."""
+        planner = self._selfheal_planner
+        options = self.selfheal_options
+        if not planner.deferred or options.explicit_ids == "allow":
+            return []
+        where = "autocommit" if self.autocommit else "idle"  # type: ignore[attr-defined]
+        return [(explicit.settle(writes, where, options), statement)
+                for writes, statement in planner.take_deferred()]
+
+    def _selfheal_explicit_report(self, outcomes: list[explicit.Outcome], statement: str
+                                  ) -> None:
+        if outcomes:
+            explicit.report_outcomes(outcomes, self.info.dbname,  # type: ignore[attr-defined]
+                                     statement, self.selfheal_options,
+                                     self._selfheal_planner.facts)
+
+    def _selfheal_idle(self) -> bool:
+        pgconn = self.pgconn  # type: ignore[attr-defined]
+        return bool(pgconn.transaction_status == _IDLE and pgconn.pipeline_status == _OFF)
+
     def _selfheal_side_needed(self) -> bool:
         # A heal on the caller's connection needs it idle, in autocommit and
         # out of any pipeline; otherwise it runs on a side connection.
@@ -223,22 +271,30 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             return super().wait(gen, interval, timeout)
         code = getattr(gen, "gi_code", None)
         call: _attempt.Call | None
+        planner = self._selfheal_planner
+        wrote: tuple[Write, ...] = ()
         if code is _EXECUTE:
             # The hot path: one execute().
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
             pgconn = self.pgconn
-            mode = _PASS if pgconn.pipeline_status != _OFF else self._selfheal_planner.plan(
-                pgconn.transaction_status, self._autocommit, f["query"], self,
-                self.selfheal_options, _PIPELINES)
+            if pgconn.pipeline_status != _OFF:
+                mode = _PASS
+            else:
+                mode = planner.plan(pgconn.transaction_status, self._autocommit, f["query"],
+                                    self, self.selfheal_options, _PIPELINES)
+                wrote = planner.explicit
             if mode is _PASS:
                 call = None
             elif (mode is not _SAVEPOINT and not self._notice_handlers
-                    and not self._selfheal_planner.facts.due):
+                    and not planner.facts.due):
                 # Nothing to add before the first attempt: run it as plain.
                 try:
-                    return super().wait(gen, interval, timeout)
+                    value = super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
+                if wrote:
+                    self._selfheal_explicit(wrote, f["query"])
+                return value
             else:
                 call = _attempt.execute_call(f)
         elif code is _attempt.EXIT and self._selfheal_pending is not None:
@@ -254,12 +310,23 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 gen.close()
                 gen = call.gen()
                 mode = self._selfheal_plan_many(call)
+                wrote = planner.explicit
         if call is None or mode is Mode.PASS:
             try:
-                return super().wait(gen, interval, timeout)
+                value = super().wait(gen, interval, timeout)
             except pgerrors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex)
                 raise
+            if wrote:
+                if call is not None and call.pipelined:
+                    # Its results are read when executemany() syncs its pipeline.
+                    self._selfheal_pending = (call, _PASS, None)
+                    self._selfheal_pending_writes = wrote
+                else:
+                    self._selfheal_explicit(wrote, f["query"] if call is None else call.query)
+            elif planner.deferred and self._selfheal_idle():
+                self._selfheal_refresh()  # the transaction that wrote them is over
+            return value
         if self._selfheal_refresh_due(mode):
             self._selfheal_refresh()
         self._selfheal_busy = True
@@ -270,6 +337,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 # Queued now, healed when executemany() syncs its pipeline.
                 error = super().wait(self._selfheal_first(call, gen, mode))
                 self._selfheal_pending = (call, mode, error)
+                self._selfheal_pending_writes = wrote
                 succeeded = True
                 return None
             try:
@@ -278,11 +346,13 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             except pgerrors.UniqueViolation as ex:
                 value = self._selfheal_heal(ex, call, mode)
             succeeded = True
-            return value
         finally:
             self._selfheal_busy = False
             if not (call.pipelined and succeeded):
                 self._selfheal_release_notices(succeeded)
+        if wrote:
+            self._selfheal_explicit(wrote, call.query)
+        return value
 
     def _selfheal_first_failed(self, ex: pgerrors.UniqueViolation, call: _attempt.Call,
                                mode: Mode) -> Any:
@@ -298,6 +368,20 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             _drive.run(self, self._selfheal_refresh_op())
         finally:
             self._selfheal_busy = busy
+        self._selfheal_settle(self._selfheal_deferred_ops())
+
+    def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any,
+                           in_pipeline: bool = False) -> None:
+        self._selfheal_settle(self._selfheal_explicit_ops(wrote, query, in_pipeline))
+
+    def _selfheal_settle(self, ops: list[_ExplicitOp]) -> None:
+        for op, statement in ops:
+            busy, self._selfheal_busy = self._selfheal_busy, True
+            try:
+                outcomes = _drive.run(self, op)
+            finally:
+                self._selfheal_busy = busy
+            self._selfheal_explicit_report(outcomes, statement)
 
     def _selfheal_sync_pending(self, gen: PQGen[None]) -> None:
         assert self._selfheal_pending is not None
@@ -310,8 +394,13 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             error = error or err
             if error is None:
                 succeeded = True
+                self._selfheal_busy = False
+                self._selfheal_explicit(self._selfheal_pending_writes, call.query, True)
                 return None
             if not isinstance(error, pgerrors.UniqueViolation):
+                raise error
+            if mode is _PASS:
+                self._selfheal_heal_only(error, call)
                 raise error
             self._selfheal_heal(error, call, mode)
             succeeded = True
@@ -421,28 +510,36 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             self._selfheal_pipelines -= 1
 
     async def wait(self, gen: PQGen[_RV], interval: float = _WAIT_INTERVAL,
-                   timeout: float | None = None) -> _RV:
+             timeout: float | None = None) -> _RV:
         """As `psycopg.AsyncConnection.wait`: where selfheal sees every statement run."""
         if self._selfheal_busy:
             return await super().wait(gen, interval, timeout)
         code = getattr(gen, "gi_code", None)
         call: _attempt.Call | None
+        planner = self._selfheal_planner
+        wrote: tuple[Write, ...] = ()
         if code is _EXECUTE:
             # The hot path: one execute().
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
             pgconn = self.pgconn
-            mode = _PASS if pgconn.pipeline_status != _OFF else self._selfheal_planner.plan(
-                pgconn.transaction_status, self._autocommit, f["query"], self,
-                self.selfheal_options, _PIPELINES)
+            if pgconn.pipeline_status != _OFF:
+                mode = _PASS
+            else:
+                mode = planner.plan(pgconn.transaction_status, self._autocommit, f["query"],
+                                    self, self.selfheal_options, _PIPELINES)
+                wrote = planner.explicit
             if mode is _PASS:
                 call = None
             elif (mode is not _SAVEPOINT and not self._notice_handlers
-                    and not self._selfheal_planner.facts.due):
+                    and not planner.facts.due):
                 # Nothing to add before the first attempt: run it as plain.
                 try:
-                    return await super().wait(gen, interval, timeout)
+                    value = await super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
+                if wrote:
+                    await self._selfheal_explicit(wrote, f["query"])
+                return value
             else:
                 call = _attempt.execute_call(f)
         elif code is _attempt.EXIT and self._selfheal_pending is not None:
@@ -458,12 +555,23 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 gen.close()
                 gen = call.gen()
                 mode = self._selfheal_plan_many(call)
+                wrote = planner.explicit
         if call is None or mode is Mode.PASS:
             try:
-                return await super().wait(gen, interval, timeout)
+                value = await super().wait(gen, interval, timeout)
             except pgerrors.UniqueViolation as ex:
                 await self._selfheal_heal_only(ex)
                 raise
+            if wrote:
+                if call is not None and call.pipelined:
+                    # Its results are read when executemany() syncs its pipeline.
+                    self._selfheal_pending = (call, _PASS, None)
+                    self._selfheal_pending_writes = wrote
+                else:
+                    await self._selfheal_explicit(wrote, f["query"] if call is None else call.query)
+            elif planner.deferred and self._selfheal_idle():
+                await self._selfheal_refresh()  # the transaction that wrote them is over
+            return value
         if self._selfheal_refresh_due(mode):
             await self._selfheal_refresh()
         self._selfheal_busy = True
@@ -474,6 +582,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 # Queued now, healed when executemany() syncs its pipeline.
                 error = await super().wait(self._selfheal_first(call, gen, mode))
                 self._selfheal_pending = (call, mode, error)
+                self._selfheal_pending_writes = wrote
                 succeeded = True
                 return None
             try:
@@ -482,11 +591,13 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             except pgerrors.UniqueViolation as ex:
                 value = await self._selfheal_heal(ex, call, mode)
             succeeded = True
-            return value
         finally:
             self._selfheal_busy = False
             if not (call.pipelined and succeeded):
                 self._selfheal_release_notices(succeeded)
+        if wrote:
+            await self._selfheal_explicit(wrote, call.query)
+        return value
 
     async def _selfheal_first_failed(self, ex: pgerrors.UniqueViolation,
                                      call: _attempt.Call, mode: Mode) -> Any:
@@ -502,6 +613,20 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             await _drive.arun(self, self._selfheal_refresh_op())
         finally:
             self._selfheal_busy = busy
+        await self._selfheal_settle(self._selfheal_deferred_ops())
+
+    async def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any,
+                                 in_pipeline: bool = False) -> None:
+        await self._selfheal_settle(self._selfheal_explicit_ops(wrote, query, in_pipeline))
+
+    async def _selfheal_settle(self, ops: list[_ExplicitOp]) -> None:
+        for op, statement in ops:
+            busy, self._selfheal_busy = self._selfheal_busy, True
+            try:
+                outcomes = await _drive.arun(self, op)
+            finally:
+                self._selfheal_busy = busy
+            self._selfheal_explicit_report(outcomes, statement)
 
     async def _selfheal_sync_pending(self, gen: PQGen[None]) -> None:
         assert self._selfheal_pending is not None
@@ -514,8 +639,13 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             error = error or err
             if error is None:
                 succeeded = True
+                self._selfheal_busy = False
+                await self._selfheal_explicit(self._selfheal_pending_writes, call.query, True)
                 return None
             if not isinstance(error, pgerrors.UniqueViolation):
+                raise error
+            if mode is _PASS:
+                await self._selfheal_heal_only(error, call)
                 raise error
             await self._selfheal_heal(error, call, mode)
             succeeded = True

@@ -36,7 +36,7 @@ from structlog.testing import capture_logs
 
 def emit(result, logs=()):
     events = [{k: v for k, v in e.items() if k != "log_level"} for e in logs
-              if e["event"].startswith("sequence_")]
+              if e["event"].startswith(("sequence_", "explicit_"))]
     print("RESULT " + json.dumps({"result": result, "events": events}, default=str))
 """
 

@@ -116,6 +116,17 @@ class Options:
     heal: tuple[tuple[str, Any], ...] = ()
 
 
+def heal_options(options: Options) -> dict[str, Any]:
+    """The `selfheal.HealOptions` of a healing run.
+
+    ``explicit_ids="allow"`` unless a script asks otherwise: moving a sequence
+    past keys a statement wrote itself changes what later default inserts
+    draw, on purpose (tests/test_explicit.py compares that statement's own
+    results with the plain driver's); the harness proves that nothing else differs.
+    """
+    return {"explicit_ids": "allow", **dict(options.heal)}
+
+
 @dataclass(frozen=True)
 class Execute:
     """``conn.execute()``, ``conn.cursor().execute()`` or ``cursor().executemany()``."""

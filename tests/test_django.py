@@ -200,6 +200,26 @@ class TestBackend:
         assert sorted(rows.values()) == [1, 2, 3, 9, 10, 11, 12, 13, 14, 15]
         assert query(shop, "SELECT count(*), count(DISTINCT id) FROM orders_order") == [(15, 15)]
 
+    def test_explicit_pks_advance_the_sequence(self, shop: str) -> None:
+        """bulk_create() with explicit pks (a seeder's way) moves the sequence past them
+        once it succeeded: the next create() from any client gets the next free id."""
+        got = dj.script(shop, """
+            from django.db import transaction
+            from orders.models import Order
+            with capture_logs() as logs:
+                with transaction.atomic():
+                    Order.objects.bulk_create(
+                        [Order(id=100 + i, item=f"seeded {i}") for i in range(3)])
+                made = Order.objects.create(item="after the seeder")
+            emit(made.id, logs)
+        """)
+        assert got["result"] == 103
+        [event] = [e for e in got["events"] if "explicit" in e["event"]]
+        assert (event["event"], event["table"], event["after"]) == (
+            "explicit_ids_advanced", "orders_order", 103)
+        assert "seeded" not in event["statement"]
+        assert next_id(shop) == 104
+
     def test_loaddata(self, shop: str) -> None:
         """loaddata inserts fixture rows without a pk into a drifted table."""
         drift(shop)

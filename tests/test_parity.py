@@ -202,8 +202,8 @@ class Psycopg:
             cls: Any = AsyncHealingConnection if healing else psycopg.AsyncConnection
         else:
             cls = HealingConnection if healing else psycopg.Connection
-        if healing and options.heal:
-            cls = cls.with_options(**dict(options.heal))
+        if healing:
+            cls = cls.with_options(**parity.heal_options(options))
         kwargs: dict[str, Any] = {
             "autocommit": options.autocommit,
             "cursor_factory": _CURSORS[self.is_async][options.cursor],

@@ -140,10 +140,26 @@ class TestVerifiedInSync:
                     hc.execute(INSERT)
                 hc.commit()
 
-            # Not verified yet: the second insert is protected.
-            assert xids_of(conn, lambda: run(2)) == 1 + 1
+            # The facts' check runs before the statement that opens the first
+            # transaction (it asked for the table's name): verified from the start.
+            assert xids_of(conn, lambda: run(2)) == 1
             assert xids_of(conn, lambda: run(100)) == 1
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (102,)
+
+    def test_not_verified_is_protected(self, conn: psycopg.Connection, dsn: str,
+                                       table: None) -> None:
+        """A table not verified yet (its check not run: the transaction opened first)
+        gets its savepoint."""
+        with Steady.connect(dsn) as hc:
+            hc.execute("SELECT 1")  # opens the transaction; nothing asked for yet
+
+            def run(n: int) -> None:
+                for _ in range(n):
+                    hc.execute(INSERT)
+                hc.commit()
+
+            assert xids_of(conn, lambda: run(2)) == 1 + 2
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (2,)
 
     def test_protect_always_takes_savepoints(self, conn: psycopg.Connection, dsn: str,
                                              table: None) -> None:

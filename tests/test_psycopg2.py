@@ -143,8 +143,8 @@ class Psycopg2:
 
     async def connect(self, dsn: str, options: Options, healing: bool) -> Psycopg2Session:
         factory: Any = HealingConnection if healing else ext.connection
-        if healing and options.heal:
-            factory = factory.with_options(**dict(options.heal))
+        if healing:
+            factory = factory.with_options(**parity.heal_options(options))
         conn = psycopg2.connect(dsn, connection_factory=factory)
         psycopg2.extras.register_uuid(conn_or_curs=conn)  # uuids compare as psycopg's do
         conn.autocommit = options.autocommit

@@ -1,0 +1,203 @@
+"""
+Explicit ids: keys a statement wrote itself, caught where they are written.
+
+The first cause of drift the guides name is code that writes its own keys
+into a sequence-backed primary key: a seeder, an import, a fixture, a
+``bulk_create`` with pks. A healing connection knows such a statement when it
+plans it (`selfheal.protect.Write`: an INSERT naming the key, or one without a
+column list). Once the statement succeeded, `settle` looks at the table and,
+with ``HealOptions(explicit_ids="advance")``, moves the sequence past its keys
+with the usual forward-only, lock-guarded arithmetic (`selfheal.resync`), so
+that the next default insert from any client does not collide:
+
+- in autocommit, one query reads the table's highest key and the sequence;
+  only when the sequence is behind does a short transaction of selfheal's
+  own take the advisory lock and move it;
+- inside the caller's transaction, the same runs under a savepoint that is
+  rolled back afterwards: the lock goes with it (none is held past the
+  statement), the sequence's move stays (sequences are not transactional),
+  and a transaction rolled back later leaves a harmless gap.
+
+Nothing here raises into the caller: a look that fails is reported
+(``explicit_ids_advance_failed``) and the caller's transaction is left as it
+was. Events (`report_outcomes`) are rate-limited per table; each write also
+leaves a Sentry breadcrumb (never an event), and the database's `Facts`
+remember it for the heal events (`seen`). Statement text is reported without
+its values (`selfheal._sqltext.redacted`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.pq import TransactionStatus
+
+from . import _ops, report
+from ._ops import Operation
+from .discover import TableInfo
+from .errors import SelfhealError
+from .heal import HealOptions
+from .insync import Facts
+from .protect import Write
+from .resync import ResyncResult, SequenceStatus, advance, scoped, status_of, status_query
+
+try:
+    import sentry_sdk
+except ImportError:  # pragma: no cover - sentry is an optional extra
+    sentry_sdk = None  # type: ignore[assignment]
+
+__all__ = ["WRITES_LIMIT", "Outcome", "report_outcomes", "settle"]
+
+#: Tables one statement is looked at for (a string of many INSERTs).
+WRITES_LIMIT = 8
+
+_IDLE, _INTRANS = TransactionStatus.IDLE, TransactionStatus.INTRANS
+
+_throttle = report._Throttle()
+_CRUMB = ("table", "schema", "sequence", "statement", "behind", "before", "after", "method",
+          "next_value", "error")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `settle` found for one table a statement wrote keys into."""
+
+    info: TableInfo
+    #: The statement named the key (False: no column list, and keys were past).
+    certain: bool
+    #: The sequence was at or behind the table's keys after the statement.
+    status: SequenceStatus | None = None
+    #: The move, with "advance" and a sequence that was behind.
+    result: ResyncResult | None = None
+    #: Why the look or the move failed.
+    error: SelfhealError | None = None
+
+    @property
+    def behind(self) -> bool:
+        return self.status is not None and not self.status.in_sync
+
+
+def settle(writes: Sequence[Write], where: str, options: HealOptions
+           ) -> Operation[list[Outcome]]:
+    """After a statement with `writes` succeeded: look, and advance where behind.
+
+    Runs on the caller's connection, `where` it is: inside its transaction
+    ("transaction"), idle in autocommit ("autocommit"), or idle where the
+    driver would open a transaction for any query ("idle": the look then runs
+    in a throw-away transaction of its own). Never raises a database error.
+    """
+    outcomes: list[Outcome] = []
+    handled: tuple[type[Exception], ...] = (*_ops.ERRORS, SelfhealError)
+    for write in writes[:WRITES_LIMIT]:
+        info = write.info
+        assert info is not None  # `Planner.writes` told it
+        try:
+            if where == "autocommit":
+                outcome = yield from _look(write, info, options, False)
+                if outcome is not None and outcome.behind and options.explicit_ids == "advance":
+                    result = yield from scoped(_IDLE, _advance(info, options))
+                    outcome = Outcome(info, outcome.certain, outcome.status, result)
+            else:
+                status = _INTRANS if where == "transaction" else _IDLE
+                outcome = yield from scoped(status, _look(write, info, options, True))
+        except handled as err:
+            error = err if isinstance(err, SelfhealError) else SelfhealError(str(err))
+            outcome = Outcome(info, write.columns is not None, error=error)
+        if outcome is not None:
+            outcomes.append(outcome)
+    return outcomes
+
+
+def _look(write: Write, info: TableInfo, options: HealOptions, move: bool
+          ) -> Operation[Outcome | None]:
+    certain = write.columns is not None
+    (row,) = yield status_query([info])
+    status = status_of(info, row)
+    if status.in_sync and not certain:
+        return None  # no column list, and nothing past the sequence: nothing to tell
+    if move and not status.in_sync and options.explicit_ids == "advance":
+        result = yield from _advance(info, options)
+        return Outcome(info, certain, status, result)
+    return Outcome(info, certain, status)
+
+
+def _advance(info: TableInfo, options: HealOptions) -> Operation[ResyncResult]:
+    return (yield from advance(info, options.lock_timeout, options.statement_timeout))
+
+
+# -- reporting ------------------------------------------------------------------
+
+
+def report_outcomes(outcomes: list[Outcome], database: str, statement: str,
+                    options: HealOptions, facts: Facts | None) -> None:
+    """Tell operators what `settle` found; remember the writes in `facts`."""
+    for outcome in outcomes:
+        info = outcome.info
+        if facts is not None:
+            facts.explicit_write(info.schema, info.table, statement)
+        try:
+            _report(outcome, database, statement, options)
+        except Exception:
+            report._fallback.exception("selfheal could not report an explicit-id write")
+
+
+def _report(outcome: Outcome, database: str, statement: str, options: HealOptions) -> None:
+    info = outcome.info
+    fields: dict[str, Any] = {
+        "database": database,
+        "schema": info.schema,
+        "table": info.table,
+        "column": info.column,
+        "constraint": info.constraint,
+        "sequence": info.sequence,
+        "statement": statement,
+        "explicit_ids": options.explicit_ids,
+        "named_key": outcome.certain,
+        "behind": outcome.behind,
+    }
+    status, result = outcome.status, outcome.result
+    if result is not None:
+        event = "explicit_ids_advanced" if result.changed else "explicit_ids_written"
+        fields.update(before=result.before, after=result.after, method=result.method,
+                      **report.cause(result))
+    elif outcome.error is not None:
+        event = "explicit_ids_advance_failed"
+        fields.update(error_class=type(outcome.error).__name__, error=str(outcome.error))
+    else:
+        event = "explicit_ids_written"
+        if status is not None:
+            fields.update(next_value=status.next_value,
+                          key_value=status.max_value if status.increment > 0
+                          else status.min_value)
+    _breadcrumb(event, fields)
+    held = _throttle.admit((event, database, info.schema, info.table), _interval())
+    if held is None:
+        return
+    fields["repeats_since_last_event"] = held
+    if outcome.behind or outcome.error is not None:
+        report.logger.warning(event, **fields)
+    else:
+        report.logger.info(event, **fields)
+
+
+def _interval() -> float:
+    if sentry_sdk is not None:
+        client = sentry_sdk.get_client()
+        if client.is_active():
+            return report._settings(client)[1]
+    return report.SENTRY_INTERVAL
+
+
+def _breadcrumb(event: str, fields: dict[str, Any]) -> None:
+    if sentry_sdk is None or not sentry_sdk.get_client().is_active():
+        return
+    sentry_sdk.add_breadcrumb(
+        category="selfheal",
+        type="info",
+        level="warning" if fields["behind"] else "info",
+        message=f"selfheal: {event} on {fields['schema']}.{fields['table']}",
+        # Sentry keeps ten keys of a breadcrumb's data: the ones that tell the cause.
+        data={k: fields[k] for k in _CRUMB if k in fields},
+    )
