@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Shape", "redacted", "shape", "shape_of", "text_of"]
+__all__ = ["Shape", "redacted", "redacted_of", "shape", "shape_of"]
 
 #: Statements that can draw from a sequence, directly or through triggers/rules.
 DRAWING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "CALL", "DO", "EXECUTE"})
@@ -369,9 +369,21 @@ def _ident_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
 
-def text_of(query: Any, conn: Any) -> str:
-    """The text of a driver's `query` (a string, bytes or a composed query)."""
-    return _text(query, conn)
+#: Texts without values of query strings seen in this process, bounded.
+_redacted: dict[str | bytes, str] = {}
+
+
+def redacted_of(query: Any, conn: Any) -> str:
+    """`redacted` text of a driver's `query`; each distinct string read once."""
+    key = query if isinstance(query, (str, bytes)) else None
+    if key is not None and (found := _redacted.get(key)) is not None:
+        return found
+    found = redacted(_text(query, conn))
+    if key is not None:
+        if len(_redacted) >= _SHAPES_LIMIT:
+            _redacted.clear()
+        _redacted[key] = found
+    return found
 
 
 def _text(query: Any, conn: Any) -> str:

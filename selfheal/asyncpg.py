@@ -46,7 +46,7 @@ from psycopg.sql import Composable
 
 from . import _ops, explicit
 from ._ops import STATEMENT, Batch, Command, FreshQuery, Operation, Query, Request, Statement
-from ._sqltext import redacted, shape
+from ._sqltext import redacted_of, shape
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
@@ -393,7 +393,7 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         status = self._selfheal_status()
         if status is _INERROR:
             return
-        statement = redacted(query)
+        statement = redacted_of(query, self)
         writes = self._selfheal_planner.writes(wrote, statement)
         if writes:
             where = "transaction" if status is _INTRANS else "autocommit"

@@ -38,7 +38,7 @@ import psycopg2.extensions as ext
 
 from . import _ops, explicit
 from ._ops import STATEMENT, Batch, Command, FreshQuery, Operation, Query, Request, Statement
-from ._sqltext import redacted, shape, text_of
+from ._sqltext import redacted_of, shape
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
@@ -341,7 +341,7 @@ class HealingConnection(ext.connection):
             where = "autocommit"
         else:
             return  # a statement of selfheal's would open a transaction
-        statement = redacted(text_of(query, self))
+        statement = redacted_of(query, self)
         writes = self._selfheal_planner.writes(wrote, statement)
         if writes:
             self._selfheal_settle(explicit.settle(writes, where, options), statement)

@@ -46,7 +46,7 @@ from psycopg.pq import PipelineStatus, TransactionStatus
 from psycopg.rows import Row
 
 from . import _attempt, _drive, explicit
-from ._sqltext import redacted, text_of
+from ._sqltext import redacted_of
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
@@ -189,7 +189,7 @@ class _Shell:
             where = "autocommit"
         else:
             return []
-        statement = redacted(text_of(query, self))
+        statement = redacted_of(query, self)
         writes = self._selfheal_planner.writes(wrote, statement)
         return [(explicit.settle(writes, where, options), statement)] if writes else []
 

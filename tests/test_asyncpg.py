@@ -428,7 +428,7 @@ class TestPoolAndStorm:
             assert await conn.fetchval(
                 "INSERT INTO payments (note) VALUES ('pooled') RETURNING id") == 9
             facts = conn._selfheal_planner.facts
-            epoch = facts.epoch
+        epoch = facts.epoch  # the commit had the table's name read (explicit ids)
         # The pool's reset on release (RESET ALL, CLOSE ALL...) is not taken
         # for the caller's DDL: what selfheal knows of the tables stays.
         async with pool.acquire() as conn:
