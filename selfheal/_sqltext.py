@@ -14,11 +14,13 @@ ones: "may draw", "one statement unknown", "no column list known".
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["Shape", "redacted", "redacted_of", "shape", "shape_of"]
+
+T = TypeVar("T")
 
 #: Statements that can draw from a sequence, directly or through triggers/rules.
 DRAWING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "WITH", "CALL", "DO", "EXECUTE"})
@@ -286,14 +288,20 @@ def shape(query: Any, conn: Any) -> Shape:
     `query` is a string, bytes, or a composed query object with
     ``as_string(conn)`` (psycopg's and psycopg2's `sql` modules both have it).
     """
+    return _read_once(_shapes, shape_of, query, conn)
+
+
+def _read_once(store: dict[str | bytes, T], read: Callable[[str], T], query: Any,
+               conn: Any) -> T:
+    """`read` of `query`'s text, kept in `store` (bounded) for a string or bytes."""
     key = query if isinstance(query, (str, bytes)) else None
-    if key is not None and (found := _shapes.get(key)) is not None:
+    if key is not None and (found := store.get(key)) is not None:
         return found
-    found = shape_of(_text(query, conn))
+    found = read(_text(query, conn))
     if key is not None:
-        if len(_shapes) >= _SHAPES_LIMIT:
-            _shapes.clear()
-        _shapes[key] = found
+        if len(store) >= _SHAPES_LIMIT:
+            store.clear()
+        store[key] = found
     return found
 
 
@@ -375,15 +383,7 @@ _redacted: dict[str | bytes, str] = {}
 
 def redacted_of(query: Any, conn: Any) -> str:
     """`redacted` text of a driver's `query`; each distinct string read once."""
-    key = query if isinstance(query, (str, bytes)) else None
-    if key is not None and (found := _redacted.get(key)) is not None:
-        return found
-    found = redacted(_text(query, conn))
-    if key is not None:
-        if len(_redacted) >= _SHAPES_LIMIT:
-            _redacted.clear()
-        _redacted[key] = found
-    return found
+    return _read_once(_redacted, redacted, query, conn)
 
 
 def _text(query: Any, conn: Any) -> str:

@@ -428,3 +428,22 @@ class TestSideBySide:
             seen[healing] = out
             assert nextval == (13 if healing else 1)
         assert seen[True] == seen[False]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("INSERT INTO t (id, v) VALUES (12, 'card 4111'), (13, E'it\\'s')",
+     "INSERT INTO t (id, v) VALUES (?, ?), (?, ?)"),
+    ('insert into "T 1" (id) values ($1), (%s), (%(n)s) -- 42\n',
+     'insert into "T 1" (id) values ($1), (%s), (%(n)s)'),
+    ("INSERT INTO t2 SELECT $$x 5$$, 1.5e3, col1 /* 7 */ FROM s",
+     "INSERT INTO t2 SELECT ?, ?, col1 FROM s"),
+    ("INSERT INTO t VALUES (" + "1, " * 300 + "1)", None),
+])
+def test_statement_text_without_values(text: str, expected: str | None) -> None:
+    from selfheal._sqltext import redacted
+
+    got = redacted(text)
+    if expected is None:
+        assert len(got) == 500 and got.endswith("...") and "1" not in got
+    else:
+        assert got == expected
