@@ -24,14 +24,17 @@ import psycopg
 
 from . import report
 from ._drive import run
+from ._ops import Operation, Query
 from .conninfo import redact, scrub
 from .discover import TableInfo, list_tables
 from .errors import SelfhealError, first_line
 from .names import TableName, parse_table_name, suggest
 from .resync import (
+    CAUSE_LIMIT,
     LOCK_TIMEOUT,
     ResyncResult,
     SequenceStatus,
+    causes_query,
     check_readable,
     resync,
     target_value,
@@ -72,6 +75,9 @@ __all__ = [
 #: its max_connections, enough to hide each connection's latency.
 DEFAULT_JOBS = 4
 
+#: Drifted tables of one database whose cause one check reads.
+CAUSES_LIMIT = 200
+
 #: Called from the calling thread as work completes: (phase, done, total).
 Progress = Callable[[str, int, int], None]
 
@@ -90,6 +96,9 @@ class SequenceReport:
     resync: ResyncResult | None = None
     #: Why the resync failed, if it did.
     error: str | None = None
+    #: What drifted it, as found (out of sync only): keys at or past the
+    #: sequence's next value (counted up to 1000) and the nearest of them.
+    cause: tuple[int, int | None] | None = None
 
     @property
     def status(self) -> SequenceStatus:
@@ -131,10 +140,15 @@ class SequenceReport:
             data["changed"] = self.changed
             if dry_run:
                 data["would_move_to"] = self.move_to
-            if self.resync is not None and self.resync.keys_past is not None:
-                # What drifted it: how many keys lay past the sequence, from where.
-                data["keys_past"] = self.resync.keys_past
-                data["first_key_past"] = self.resync.first_key_past
+        cause = self.cause
+        if self.resync is not None and self.resync.keys_past is not None:
+            cause = (self.resync.keys_past, self.resync.first_key_past)
+        if cause is not None:
+            # What drifted it: how many keys lay past the sequence, from where to where.
+            found = self.found
+            data["keys_past"], data["first_key_past"] = cause
+            data["keys_past_capped"] = cause[0] >= CAUSE_LIMIT
+            data["last_key_past"] = found.max_value if found.increment > 0 else found.min_value
         if self.error is not None:
             data["error"] = self.error
         return data
@@ -215,15 +229,37 @@ def _check_one(
         with _connect(target, connect_timeout, lock_timeout) as conn:
             found, unreadable = check_readable(conn, schema, tables=relnames,
                                                exclude_schemas=exclude_schemas, guess=guess)
+            causes = _causes(conn, [s for s in found if not s.in_sync])
     except (psycopg.Error, SelfhealError) as ex:
         return DatabaseReport(target, error=scrub(first_line(ex)))
     if tables:
         found = [s for s in found if any(t.matches(s.schema, s.table) for t in tables)]
         unreadable = [u for u in unreadable
                       if any(t.matches(u.info.schema, u.info.table) for t in tables)]
-    return DatabaseReport(target, [SequenceReport(target.name, s) for s in found],
+    return DatabaseReport(target, [SequenceReport(target.name, s, cause=causes.get(
+                                       (s.schema, s.table))) for s in found],
                           unreadable=[(u.info.schema, u.info.table, f"permission denied:"
                                        f" selfheal needs {u.needs}") for u in unreadable])
+
+
+def _causes(conn: psycopg.Connection[Any], drifted: list[SequenceStatus]
+            ) -> dict[tuple[str, str], tuple[int, int | None]]:
+    """What drifted each table of `drifted`: one query more, only where there is drift.
+
+    Best effort: a table whose keys cannot be read now (a lock, a privilege)
+    is reported without its cause, never as a failure.
+    """
+    if not drifted:
+        return {}
+    try:
+        rows = run(conn, _one_query(causes_query(drifted[:CAUSES_LIMIT])))
+    except psycopg.Error:
+        return {}
+    return {(drifted[i].schema, drifted[i].table): (count, first) for i, count, first in rows}
+
+
+def _one_query(query: Query) -> Operation[list[Any]]:
+    return (yield query)  # type: ignore[no-any-return]
 
 
 def _table_names(tables: list[str] | None) -> list[TableName] | None:

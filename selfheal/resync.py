@@ -313,6 +313,26 @@ def _keys_past(info: TableInfo, next_val: int) -> Query:
     )
 
 
+def causes_query(statuses: Sequence[SequenceStatus]) -> Query:
+    """What drifted each of `statuses` (out of sync): one query for them all.
+
+    Its rows are ``(index, count, first)``: how many keys lie at or past the
+    sequence's next value (counted up to `CAUSE_LIMIT`) and the nearest one.
+    """
+    parts = []
+    for i, st in enumerate(statuses):
+        ascending = st.increment > 0
+        parts.append(sql.SQL(
+            "SELECT {i}, count(*), {first}(k) FROM (SELECT {col} AS k FROM {tbl}"
+            " WHERE {col} {cmp} {next} ORDER BY {col} {order} LIMIT {limit}) s{i}"
+        ).format(i=sql.Literal(i), first=sql.SQL("min" if ascending else "max"),
+                 col=sql.Identifier(st.column), tbl=sql.Identifier(st.schema, st.table),
+                 cmp=sql.SQL(">=" if ascending else "<="), next=sql.Literal(st.next_value),
+                 order=sql.SQL("ASC" if ascending else "DESC"),
+                 limit=sql.Literal(CAUSE_LIMIT)))
+    return Query(sql.SQL(" UNION ALL ").join(parts))
+
+
 def _close(closing: list[str]) -> Operation[None]:
     """Close a scope; the error that brought us here matters more than this one."""
     for stmt in closing:

@@ -153,7 +153,30 @@ class TestSingleDatabase:
             "database": dbname(dsn), "schema": "public", "table": "users", "column": "id",
             "sequence": "public.users_id_seq", "max_value": 7, "min_value": None,
             "next_value": 1, "increment": 1, "in_sync": False,
+            # The cause, as for a heal: the seeded range 1..7 the sequence would run into.
+            "keys_past": 7, "keys_past_capped": False, "first_key_past": 1, "last_key_past": 7,
         }
+        assert "keys_past" not in by_table["items"]  # in sync: nothing to explain
+
+    def test_check_reports_the_cause(self, capsys: pytest.CaptureFixture[str],
+                                     conn: psycopg.Connection, dsn: str) -> None:
+        """One explicit id far ahead reads as one key; a big seeded range is capped at
+        1000; a descending sequence counts downwards."""
+        conn.execute("CREATE TABLE far (id serial PRIMARY KEY)")
+        conn.execute("INSERT INTO far (id) VALUES (1), (2), (90000)")
+        conn.execute("SELECT setval('far_id_seq', 2)")
+        conn.execute("CREATE TABLE bulk (id serial PRIMARY KEY)")
+        conn.execute("INSERT INTO bulk (id) SELECT generate_series(1, 1500)")
+        conn.execute("CREATE SEQUENCE down_seq INCREMENT -1 MAXVALUE -1 START -1")
+        conn.execute("CREATE TABLE down (id int PRIMARY KEY DEFAULT nextval('down_seq'))")
+        conn.execute("ALTER SEQUENCE down_seq OWNED BY down.id")
+        conn.execute("INSERT INTO down (id) VALUES (-1), (-2), (-3)")
+        code, rows = run_json(capsys, "check", dsn)
+        assert code == 1
+        cause = {r["table"]: (r["keys_past"], r["keys_past_capped"], r["first_key_past"],
+                              r["last_key_past"]) for r in rows}
+        assert cause == {"far": (1, False, 90000, 90000), "bulk": (1000, True, 1, 1500),
+                         "down": (3, False, -1, -3)}
 
     def test_json_fix_fields(self, capsys: pytest.CaptureFixture[str],
                              conn: psycopg.Connection, dsn: str) -> None:
