@@ -243,14 +243,16 @@ def advance(
     """
     timeouts = _timeouts(lock_timeout, statement_timeout)
     try:
-        yield Query(
-            "SELECT set_config('lock_timeout', %(lock_timeout)s, true),"
-            " set_config('statement_timeout', %(statement_timeout)s, true)",
-            timeouts,
-        )
-        yield Query("SELECT pg_advisory_xact_lock(%s)", (lock_key(info),))
-        (key_max, key_min), = yield Query(_key_extremes(info))
-        (last, called, isolation), = yield _seq_state(info)
+        # One round trip where the driver pipelines: the bounds, the lock, then
+        # (once it is granted: each statement reads what is committed by then)
+        # the keys and the sequence.
+        _, _, ((key_max, key_min),), ((last, called, isolation),) = yield Batch([
+            Query("SELECT set_config('lock_timeout', %(lock_timeout)s, true),"
+                  " set_config('statement_timeout', %(statement_timeout)s, true)", timeouts),
+            Query("SELECT pg_advisory_xact_lock(%s)", (lock_key(info),)),
+            Query(_key_extremes(info)),
+            _seq_state(info),
+        ])
         if isolation != "read committed":
             # The caller's snapshot predates rows committed since; also look
             # at them from a fresh one, and keep the caller's own rows too.
@@ -261,9 +263,8 @@ def advance(
         before = next_value(last, called, info.increment)
         target = target_value(before, info.increment, key)
         method = "none"
-        past = first = None
+        moves: list[Query | Command] = []
         if target is not None:
-            (past, first), = yield _keys_past(info, before)
             if not info.min_value <= target <= info.max_value:
                 raise errors.SequenceExhausted(
                     f"sequence {info.sequence} cannot move past key {key} of"
@@ -271,15 +272,17 @@ def advance(
                     f" {'MAXVALUE' if info.increment > 0 else 'MINVALUE'}"
                 )
             draws = (target - before) // info.increment
-            if draws <= draw_limit:
-                method = "nextval"
-                yield _draw(info, draws)
-            else:
-                method = "setval"
-                yield _guarded_setval(info, target)
+            method = "nextval" if draws <= draw_limit else "setval"
+            moves = [_keys_past(info, before),
+                     _draw(info, draws) if draws <= draw_limit else _guarded_setval(info, target)]
         if drain_cache and info.cache > 1:
-            yield _draw(info, info.cache)
-        (last, called, _), = yield _seq_state(info)
+            moves.append(_draw(info, info.cache))
+        # The cause, the move and the state after it: one more round trip.
+        results = yield Batch([*moves, _seq_state(info)])
+        past = first = None
+        if target is not None:
+            (past, first), = results[0]
+        (last, called, _), = results[-1]
         after = next_value(last, called, info.increment)
     except _ops.ERRORS as ex:
         raise _translate(ex, info) from ex
@@ -335,11 +338,13 @@ def causes_query(statuses: Sequence[SequenceStatus]) -> Query:
 
 def _close(closing: list[str]) -> Operation[None]:
     """Close a scope; the error that brought us here matters more than this one."""
-    for stmt in closing:
-        try:
-            yield Command(stmt)
-        except _ops.ERRORS:
-            return
+    try:
+        if len(closing) == 1:
+            yield Command(closing[0])
+        else:
+            yield Batch([Command(stmt) for stmt in closing])  # one round trip
+    except _ops.ERRORS:
+        return
 
 
 def _pick(fn: Any, a: int | None, b: int | None) -> int | None:
