@@ -25,7 +25,7 @@ from psycopg._cursor_base import BaseCursor
 from psycopg._pipeline_base import BasePipeline
 from psycopg.abc import PQGen
 from psycopg.errors import Diagnostic, _info_to_dict, error_from_result
-from psycopg.generators import send
+from psycopg.generators import copy_end, send
 from psycopg.pq import ExecStatus
 from psycopg.transaction import BaseTransaction
 from psycopg.waiting import Wait
@@ -34,6 +34,7 @@ from ._sqltext import shape
 
 __all__ = [
     "COPY",
+    "COPY_END",
     "EXECUTE",
     "EXIT",
     "TX_ENTER",
@@ -60,6 +61,8 @@ EXIT = BasePipeline._exit_gen.__code__
 TX_ENTER = BaseTransaction._enter_gen.__code__
 #: psycopg's generator that starts a COPY.
 COPY = BaseCursor._start_copy_gen.__code__
+#: psycopg's generator that ends a COPY FROM.
+COPY_END = getattr(copy_end, "__code__", None)
 
 # What a cursor shows of the statement it ran: put back after a failed retry,
 # so that the caller sees what the first failure left, as with plain psycopg.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["Shape", "redacted", "redacted_of", "shape", "shape_of"]
+__all__ = ["Shape", "copy_target", "redacted", "redacted_of", "shape", "shape_of"]
 
 T = TypeVar("T")
 
@@ -275,6 +275,42 @@ def _insert_target(
             # A sub-select or anything else: not a plain column list.
             return table, None, kind
     return table, None, ""
+
+
+def copy_target(text: str) -> tuple[tuple[str, ...], frozenset[str] | None] | None:
+    """For ``COPY name [(columns)] FROM ...``: the table and the columns (None: all).
+
+    None for anything else (``COPY ... TO``, ``COPY (query) TO``, not understood).
+    """
+    toks = _tokens(text)
+    kind, value = next(toks, ("", ""))
+    if kind != "word" or value.upper() != "COPY":
+        return None
+    parts: list[str] = []
+    kind, value = next(toks, ("", ""))
+    while (part := _name(kind, value)) is not None:
+        parts.append(part)
+        kind, value = next(toks, ("", ""))
+        if kind != ".":
+            break
+        kind, value = next(toks, ("", ""))
+    if not parts:
+        return None
+    columns: set[str] | None = None
+    if kind == "(":
+        columns = set()
+        for kind, value in toks:
+            if kind == ")":
+                break
+            name = _name(kind, value)
+            if name is not None:
+                columns.add(name)
+            elif kind != ",":
+                return None
+        kind, value = next(toks, ("", ""))
+    if kind != "word" or value.upper() != "FROM":
+        return None
+    return tuple(parts), None if columns is None else frozenset(columns)
 
 
 #: Shapes of query strings seen in this process, bounded (cleared when full).

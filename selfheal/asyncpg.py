@@ -162,10 +162,12 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         return ps
 
     async def copy_to_table(self, table_name: str, **kwargs: Any) -> Any:
-        return await self._selfheal_copy(super().copy_to_table(table_name, **kwargs))
+        return await self._selfheal_copy(super().copy_to_table(table_name, **kwargs),
+                                         table_name, kwargs)
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> Any:
-        return await self._selfheal_copy(super().copy_records_to_table(table_name, **kwargs))
+        return await self._selfheal_copy(super().copy_records_to_table(table_name, **kwargs),
+                                         table_name, kwargs)
 
     async def reset(self, *, timeout: float | None = None) -> None:
         # The pool's reset between clients (ROLLBACK, RESET ALL and the like)
@@ -360,10 +362,16 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         except (_Error, OSError, asyncpg.InterfaceError):
             return  # the flow re-raises `ex`; the caller raises it itself
 
-    async def _selfheal_copy(self, copy: Awaitable[Any]) -> Any:
+    async def _selfheal_copy(self, copy: Awaitable[Any], table: str,
+                             kwargs: dict[str, Any]) -> Any:
         if self._selfheal_busy:
             return await copy
         self._selfheal_status()
+        columns = kwargs.get("columns")
+        schema = kwargs.get("schema_name")
+        writes = self._selfheal_planner.copy_writes(
+            (schema, table) if schema else (table,),
+            None if columns is None else frozenset(columns))
         try:
             value = await copy
         except _Unique as ex:
@@ -374,6 +382,11 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
             self._selfheal_failure()
             raise
         self._selfheal_failed = False
+        if writes:
+            # What asyncpg sends, without the table's quoting: for the events only.
+            listed = f" ({', '.join(columns)})" if columns else ""
+            await self._selfheal_explicit(
+                writes, f"COPY {schema + '.' if schema else ''}{table}{listed} FROM STDIN")
         return value
 
     async def _selfheal_refresh(self) -> None:

@@ -215,6 +215,18 @@ class Planner:
             out.append(w)
         return out
 
+    def copy_writes(self, name: tuple[str, ...], columns: frozenset[str] | None
+                    ) -> tuple[Write, ...]:
+        """The write of a ``COPY name [(columns)] FROM``: every row gives the columns."""
+        search_path = self.search_path() if len(name) == 1 else None
+        rel = self.facts.target(name, search_path, self.user, time.monotonic())
+        if rel is None:
+            return (Write(None, name, columns, search_path),)
+        info = rel.info
+        if info is None:
+            return ()
+        return (Write(info, name, frozenset({info.column}) if columns is None else columns),)
+
     def take_deferred(self) -> list[tuple[list[Write], str]]:
         """The deferred writes, told by what the catalog says after its check."""
         deferred, self.deferred = self.deferred, []

@@ -38,7 +38,7 @@ import psycopg2.extensions as ext
 
 from . import _ops, explicit
 from ._ops import STATEMENT, Batch, Command, FreshQuery, Operation, Query, Request, Statement
-from ._sqltext import redacted_of, shape
+from ._sqltext import copy_target, redacted_of, shape
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
@@ -106,6 +106,22 @@ class _HealingCursor:
             return super().executemany(query, vars_list)  # type: ignore[misc, no-any-return]
         # A list: a retry needs the rows again.
         return conn._selfheal_run(super().executemany, query, list(vars_list), True)  # type: ignore[misc, no-any-return]
+
+
+    def copy_from(self, file: Any, table: str, *args: Any, **kwargs: Any) -> None:
+        super().copy_from(file, table, *args, **kwargs)  # type: ignore[misc]
+        columns = kwargs.get("columns", args[3] if len(args) > 3 else None)
+        self.connection._selfheal_copied((table,), columns,
+                                         f"COPY {table} FROM STDIN")
+
+    def copy_expert(self, sql: Any, file: Any, *args: Any, **kwargs: Any) -> None:
+        super().copy_expert(sql, file, *args, **kwargs)  # type: ignore[misc]
+        text = sql if isinstance(sql, str) else getattr(sql, "as_string", None)
+        if callable(text):
+            text = text(self.connection)
+        target = copy_target(text) if isinstance(text, str) else None
+        if target is not None:
+            self.connection._selfheal_copied(target[0], target[1], text)  # type: ignore[arg-type]
 
 
 _classes: dict[type[Any], type[Any]] = {}
@@ -345,6 +361,15 @@ class HealingConnection(ext.connection):
         writes = self._selfheal_planner.writes(wrote, statement)
         if writes:
             self._selfheal_settle(explicit.settle(writes, where, options), statement)
+
+    def _selfheal_copied(self, name: tuple[str, ...], columns: Any, statement: str) -> None:
+        """A COPY FROM ended: the keys it may have written are looked at."""
+        if self._selfheal_busy or self.selfheal_options.explicit_ids == "allow":
+            return
+        writes = self._selfheal_planner.copy_writes(
+            name, None if columns is None else frozenset(columns))
+        if writes:
+            self._selfheal_explicit(writes, statement)
 
     def _selfheal_settle(self, op: Operation[list[explicit.Outcome]], statement: str) -> None:
         outcomes = self._selfheal_drive(op)

@@ -46,7 +46,7 @@ from psycopg.pq import PipelineStatus, TransactionStatus
 from psycopg.rows import Row
 
 from . import _attempt, _drive, explicit
-from ._sqltext import redacted_of
+from ._sqltext import copy_target, redacted_of
 from .detect import NotHealable
 from .heal import HealOptions, Mode, after_failure, heal_flow, worth_healing
 from .insync import facts_for
@@ -89,6 +89,8 @@ class _Shell:
         self._selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None = None
         # The writes of keys of its own that the pending executemany() makes.
         self._selfheal_pending_writes: tuple[Write, ...] = ()
+        # A COPY FROM in progress that writes keys: its writes and statement.
+        self._selfheal_copy: tuple[tuple[Write, ...], dict[str, Any]] | None = None
         # The caller's notices, held while a statement may be retried.
         self._selfheal_notices: _attempt.HeldNotices | None = None
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -148,7 +150,7 @@ class _Shell:
         if self._selfheal_notices is not None:
             self._selfheal_notices.retrying()
 
-    def _selfheal_other(self, code: Any) -> bool:
+    def _selfheal_other(self, code: Any, gen: Any) -> bool:
         """Note what another generator (its `code`) means for the savepoints and the facts.
 
         True: it opens a transaction block, and the facts' check is due first.
@@ -158,7 +160,15 @@ class _Shell:
             self._selfheal_planner.transaction_block(status)
             return status == _IDLE and self._selfheal_refresh_due(Mode.OPENED)
         if code is _attempt.COPY:
-            self._selfheal_planner.facts.forget_verified()
+            planner = self._selfheal_planner
+            planner.facts.forget_verified()
+            self._selfheal_copy = None
+            statement = gen.gi_frame.f_locals.get("statement")
+            if self.selfheal_options.explicit_ids != "allow" and isinstance(statement, str):
+                target = copy_target(statement)
+                writes = planner.copy_writes(*target) if target is not None else ()
+                if writes:
+                    self._selfheal_copy = (writes, {"query": statement})
         return False
 
     def _selfheal_refresh_due(self, mode: Mode) -> bool:
@@ -302,8 +312,12 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         else:
             call = _attempt.call_of(gen, code)
             if call is None:
-                if self._selfheal_other(code):
+                if self._selfheal_other(code, gen):
                     self._selfheal_refresh()
+                elif code is _attempt.COPY_END and self._selfheal_copy is not None:
+                    # A COPY FROM into a table with a sequence-backed key ends.
+                    wrote, f = self._selfheal_copy
+                    self._selfheal_copy = None
                 mode = Mode.PASS
             else:
                 # call_of() took the parameters out of it.
@@ -547,8 +561,12 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         else:
             call = _attempt.call_of(gen, code)
             if call is None:
-                if self._selfheal_other(code):
+                if self._selfheal_other(code, gen):
                     await self._selfheal_refresh()
+                elif code is _attempt.COPY_END and self._selfheal_copy is not None:
+                    # A COPY FROM into a table with a sequence-backed key ends.
+                    wrote, f = self._selfheal_copy
+                    self._selfheal_copy = None
                 mode = Mode.PASS
             else:
                 # call_of() took the parameters out of it.

@@ -252,6 +252,27 @@ class TestPsycopg:
             "INSERT INTO items (id, note) SELECT g, ? FROM generate_series(?, ?) g")
         assert conn.execute("SELECT max(id) FROM items").fetchone() == (4,)
 
+    @pytest.mark.parametrize("autocommit", [True, False])
+    def test_copy(self, conn: psycopg.Connection, dsn: str, autocommit: bool) -> None:
+        """COPY FROM with the key column (or all columns) moves the sequence once it ends;
+        COPY without the key, and COPY TO, do not look."""
+        with HealingConnection.connect(dsn, autocommit=autocommit) as hc:
+            hc.execute("INSERT INTO items (note) VALUES ('learn the table')")
+            hc.commit()
+            with hc.cursor().copy("COPY items (id, note) FROM STDIN") as copy:
+                for i in range(100, 200):
+                    copy.write_row((i, "copied"))
+            assert seq_next(conn, "public.items_id_seq") == 200
+            with hc.cursor().copy("COPY items FROM STDIN") as copy:
+                copy.write_row((300, "all columns"))
+            assert seq_next(conn, "public.items_id_seq") == 301
+            with hc.cursor().copy("COPY items (note) FROM STDIN") as copy:
+                copy.write_row(("default ids",))
+            with hc.cursor().copy("COPY items TO STDOUT") as copy:
+                assert len(list(copy.rows())) == 103
+            hc.commit()
+        assert plain_default_insert(dsn) == 302
+
     def test_async(self, conn: psycopg.Connection, dsn: str) -> None:
         async def main() -> None:
             async with await AsyncHealingConnection.connect(dsn) as ac:
@@ -307,6 +328,26 @@ class TestPsycopg2:
         assert plain_default_insert(dsn) == 78
 
 
+    def test_copy(self, conn: psycopg.Connection, dsn: str) -> None:
+        import io
+
+        from selfheal.psycopg2 import HealingConnection as P2
+
+        pc = psycopg2.connect(dsn, connection_factory=P2)
+        try:
+            pc.autocommit = True
+            cur = pc.cursor()
+            cur.execute("INSERT INTO items (note) VALUES ('learn the table')")
+            cur.copy_from(io.StringIO("40\ta\n41\tb\n"), "items", columns=("id", "note"))
+            assert seq_next(conn, "public.items_id_seq") == 42
+            cur.copy_expert("COPY items FROM STDIN", io.StringIO("50\tc\n"))
+            assert seq_next(conn, "public.items_id_seq") == 51
+            cur.copy_from(io.StringIO("d\n"), "items", columns=("note",))
+        finally:
+            pc.close()
+        assert plain_default_insert(dsn) == 52
+
+
 class TestAsyncpg:
     def test_execute_fetch_and_transaction(self, conn: psycopg.Connection, dsn: str) -> None:
         import asyncpg
@@ -335,6 +376,30 @@ class TestAsyncpg:
 
         asyncio.run(main())
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (6,)
+
+    def test_copy_records(self, conn: psycopg.Connection, dsn: str) -> None:
+        """copy_records_to_table() with the key column moves the sequence once it ended."""
+        import asyncpg
+
+        from selfheal.asyncpg import HealingConnection as APG
+
+        async def main() -> None:
+            ac = await asyncpg.connect(**connect_args(dsn), connection_class=APG)
+            try:
+                await ac.execute("INSERT INTO items (note) VALUES ('learn the table')")
+                await ac.copy_records_to_table("items", records=[(50, "a"), (51, "b")],
+                                               columns=["id", "note"])
+                assert seq_next(conn, "public.items_id_seq") == 52
+                async with ac.transaction():
+                    await ac.copy_records_to_table("items", records=[(60, "c")],
+                                                   schema_name="public")
+                    assert seq_next(conn, "public.items_id_seq") == 61
+                await ac.copy_records_to_table("items", records=[("d",)], columns=["note"])
+            finally:
+                await ac.close()
+
+        asyncio.run(main())
+        assert plain_default_insert(dsn) == 62
 
     def test_first_statement_of_a_process_in_a_transaction(self, make_db: Any) -> None:
         import asyncpg
