@@ -1,0 +1,136 @@
+"""
+What `HealOptions(explicit_ids=...)` costs: healing against plain psycopg, same run.
+
+    python bench/bench_explicit.py [--dsn DSN] [--rounds R]
+
+Without --dsn it starts an embedded PostgreSQL. One table; each round runs
+every shape through a plain psycopg connection and a `HealingConnection`
+(the default, ``explicit_ids="advance"``), in alternating order, and the
+median of the per-round ratios (healing / plain) is printed. Shapes:
+
+- default-id single-row inserts, autocommit and inside one transaction
+  (what every application does: the target is "nothing new");
+- explicit-id single-row inserts below the sequence (the sequence is already
+  past them: one look), autocommit and inside one transaction;
+- explicit-id single-row inserts past the sequence (each one moves it: a
+  seeder writing one row at a time), autocommit and inside one transaction;
+- a 1,000-row explicit-id INSERT ... SELECT past the sequence (a seeder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import structlog
+
+from selfheal import HealingConnection
+
+SINGLE = 20
+MULTI = 1000
+_ids = itertools.count(10**9, 1)  # past the sequence, fresh each time
+_below = itertools.count(-1, -1)  # below it, fresh each time
+
+
+def _run(conn: psycopg.Connection[Any], transaction: bool, query: str,
+         params: Callable[[], tuple[Any, ...]], n: int) -> float:
+    started = time.perf_counter()
+    if transaction:
+        with conn.transaction():
+            for _ in range(n):
+                conn.execute(query, params())
+    else:
+        for _ in range(n):
+            conn.execute(query, params())
+    return time.perf_counter() - started
+
+
+def default_ids(conn: psycopg.Connection[Any], transaction: bool) -> float:
+    return _run(conn, transaction, "INSERT INTO bench_explicit (v) VALUES (%s)",
+                lambda: (1,), SINGLE)
+
+
+def below(conn: psycopg.Connection[Any], transaction: bool) -> float:
+    return _run(conn, transaction, "INSERT INTO bench_explicit (id, v) VALUES (%s, 1)",
+                lambda: (next(_below),), SINGLE)
+
+
+def ahead(conn: psycopg.Connection[Any], transaction: bool) -> float:
+    return _run(conn, transaction, "INSERT INTO bench_explicit (id, v) VALUES (%s, 1)",
+                lambda: (next(_ids),), SINGLE)
+
+
+def multi(conn: psycopg.Connection[Any], transaction: bool) -> float:
+    def span() -> tuple[int, int]:
+        first = next(_ids)
+        for _ in range(MULTI - 1):
+            last = next(_ids)
+        return first, last
+
+    return _run(conn, transaction, "INSERT INTO bench_explicit (id, v) SELECT g, 1"
+                " FROM generate_series(%s::bigint, %s::bigint) g", span, 1)
+
+
+SHAPES: dict[str, tuple[Callable[[psycopg.Connection[Any], bool], float], bool, int]] = {
+    "default id, single row, autocommit": (default_ids, False, 20),
+    "default id, single row, in a transaction": (default_ids, True, 20),
+    "explicit id below the sequence, autocommit": (below, False, 10),
+    "explicit id below the sequence, in a transaction": (below, True, 10),
+    "explicit id past the sequence, autocommit": (ahead, False, 6),
+    "explicit id past the sequence, in a transaction": (ahead, True, 6),
+    "1,000-row explicit-id insert, autocommit": (multi, False, 6),
+}
+
+
+def measure(dsn: str, rounds: int) -> dict[str, float]:
+    """Median over rounds of healing/plain time, per shape."""
+    ratios: dict[str, list[float]] = {name: [] for name in SHAPES}
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS bench_explicit")
+        admin.execute("CREATE TABLE bench_explicit (id bigserial PRIMARY KEY, v int)")
+    with (psycopg.connect(dsn, autocommit=True) as plain,
+          HealingConnection.connect(dsn, autocommit=True) as healing):
+        conns = (plain, healing)
+        for r in range(rounds + 1):
+            for name, (shape, transaction, turns) in SHAPES.items():
+                # Short turns, alternating: the machine's drifts hit both alike.
+                took = [0.0, 0.0]
+                for turn in range(turns):
+                    for i in ((0, 1) if turn % 2 else (1, 0)):
+                        took[i] += shape(conns[i], transaction)
+                if r:  # the first round warms caches up (and teaches the table)
+                    ratios[name].append(took[1] / took[0])
+            plain.execute("VACUUM ANALYZE bench_explicit")
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--dsn")
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    # The audit events are not what is measured (they are rate-limited anyway).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    dsn = args.dsn
+    server = None
+    if dsn is None:
+        from selfheal._embedded import start_server
+
+        dsn, server = start_server()
+    with psycopg.connect(dsn) as conn:
+        version = conn.info.server_version
+    print(f"healing / plain psycopg, median of {args.rounds} interleaved rounds,"
+          f" PostgreSQL {version // 10000}:")
+    for name, ratio in measure(dsn, args.rounds).items():
+        print(f"  {name:<50} {ratio:.3f}x")
+    del server
+
+
+if __name__ == "__main__":
+    main()
