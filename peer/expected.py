@@ -32,6 +32,20 @@ _PROXIED_DBAPI_CONNECT = (
     "the test wraps psycopg2.connect()'s connections in its own proxy; install() refuses it"
 )
 
+# The test writes ids 1 and 2 itself, then upserts a row with a default id whose
+# ON CONFLICT branch copies that id (SET id = excluded.id) and expects 1: the
+# stale value a lagging sequence hands out. Through selfheal the sequence was
+# moved past 1 and 2 right after they were written (HealOptions(explicit_ids=
+# "advance"), the default), so the default id, and the row's new id, is 3.
+_EXPLICIT_IDS_ADVANCED = (
+    "explicit_ids=\"advance\" moved the sequence past the ids the test wrote; its upsert"
+    " expects the stale default id 1"
+)
+_EXOTIC_FOUR = {
+    f"test/dialect/postgresql/test_on_conflict.py::OnConflictTest"
+    f"::test_on_conflict_do_update_exotic_targets_four_no_pk[{param}]": _EXPLICIT_IDS_ADVANCED
+    for param in ("not_string_index_elements", "string_index_elements")}
+
 _SQLALCHEMY_BOTH = {
     "test/dialect/postgresql/test_dialect.py::DialectTest::test_ensure_version_is_qualified":
         _REFUSED_OWN_CONNECTION,
@@ -48,14 +62,16 @@ EXPECTED: dict[str, dict[str, str]] = {
     "django": {},
     "sqlalchemy": {
         **_SQLALCHEMY_BOTH,
+        **_EXOTIC_FOUR,
         **{f"test/engine/test_reconnect.py::RealPrePingEventHandlerTest::{test}":
            _PATCHED_DBAPI_CONNECT for test in (
                "test_control", "test_event_handler_can_downgrade_disconnect",
                "test_event_handler_didnt_upgrade_disconnect")},
     },
-    "sqlalchemy-asyncio": dict(_SQLALCHEMY_BOTH),
+    "sqlalchemy-asyncio": {**_SQLALCHEMY_BOTH, **_EXOTIC_FOUR},
     "sqlalchemy-psycopg2": {
         **_SQLALCHEMY_BOTH,
+        **_EXOTIC_FOUR,
         **{f"test/engine/test_reconnect.py::RealPrePingEventHandlerTest::{test}":
            _PROXIED_DBAPI_CONNECT for test in (
                "test_control", "test_downgrade_control",
