@@ -5,7 +5,8 @@ The first cause of drift the guides name is code that writes its own keys
 into a sequence-backed primary key: a seeder, an import, a fixture, a
 ``bulk_create`` with pks. A healing connection knows such a statement when it
 plans it (`selfheal.protect.Write`: an INSERT naming the key, or one without a
-column list). Once the statement succeeded, `settle` looks at the table and,
+column list; a COPY FROM that writes the key). Once the statement succeeded,
+`settle` looks at the table and,
 with ``HealOptions(explicit_ids="advance")``, moves the sequence past its keys
 with the usual forward-only, lock-guarded arithmetic (`selfheal.resync`), so
 that the next default insert from any client does not collide:
@@ -22,8 +23,12 @@ Nothing here raises into the caller: a look that fails is reported
 (``explicit_ids_advance_failed``) and the caller's transaction is left as it
 was. Events (`report_outcomes`) are rate-limited per table; each write also
 leaves a Sentry breadcrumb (never an event), and the database's `Facts`
-remember it for the heal events (`seen`). Statement text is reported without
-its values (`selfheal._sqltext.redacted`).
+remember it for the heal events (`Facts.explicit_seen`). Statement text is
+reported without its values (`selfheal._sqltext.redacted`).
+
+A table the process's catalog facts do not know yet (its first statement in
+the process, inside a transaction) is looked at once the facts' next check
+told about it: when that transaction is over (`Planner.take_deferred`).
 """
 
 from __future__ import annotations
