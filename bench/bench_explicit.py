@@ -34,12 +34,18 @@ from selfheal import HealingConnection
 
 SINGLE = 20
 MULTI = 1000
-_ids = itertools.count(10**9, 1)  # past the sequence, fresh each time
+# Past the sequence, fresh each time, far apart: default ids drawn in between
+# (the sequence follows the explicit ones) never reach the next explicit one.
+_ids = itertools.count(10**9, 10**6)
 _below = itertools.count(-1, -1)  # below it, fresh each time
+# Each shape writes to a table of its own: the explicit shapes' moves do not
+# change what the default-id shapes measure.
+_table = "bench_explicit"
 
 
 def _run(conn: psycopg.Connection[Any], transaction: bool, query: str,
          params: Callable[[], tuple[Any, ...]], n: int) -> float:
+    query = query.replace("bench_explicit", _table)  # the shape's own table
     started = time.perf_counter()
     if transaction:
         with conn.transaction():
@@ -69,9 +75,7 @@ def ahead(conn: psycopg.Connection[Any], transaction: bool) -> float:
 def multi(conn: psycopg.Connection[Any], transaction: bool) -> float:
     def span() -> tuple[int, int]:
         first = next(_ids)
-        for _ in range(MULTI - 1):
-            last = next(_ids)
-        return first, last
+        return first, first + MULTI - 1
 
     return _run(conn, transaction, "INSERT INTO bench_explicit (id, v) SELECT g, 1"
                 " FROM generate_series(%s::bigint, %s::bigint) g", span, 1)
@@ -89,16 +93,29 @@ SHAPES: dict[str, tuple[Callable[[psycopg.Connection[Any], bool], float], bool, 
 
 
 def measure(dsn: str, rounds: int) -> dict[str, float]:
-    """Median over rounds of healing/plain time, per shape."""
-    ratios: dict[str, list[float]] = {name: [] for name in SHAPES}
+    """Median over rounds of healing/plain time, per shape: the default-id shapes
+    first, on connections of their own, then the explicit-id ones (run together
+    they disturb each other's timings, on both connections alike or not)."""
+    default = [name for name in SHAPES if name.startswith("default")]
+    return {**_measure(dsn, rounds, default),
+            **_measure(dsn, rounds, [name for name in SHAPES if name not in default])}
+
+
+def _measure(dsn: str, rounds: int, names: list[str]) -> dict[str, float]:
+    shapes = {name: SHAPES[name] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in shapes}
+    global _table
+    tables = {name: f"bench_explicit_{i}" for i, name in enumerate(shapes)}
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute("DROP TABLE IF EXISTS bench_explicit")
-        admin.execute("CREATE TABLE bench_explicit (id bigserial PRIMARY KEY, v int)")
+        for table in tables.values():
+            admin.execute(f"DROP TABLE IF EXISTS {table}")
+            admin.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, v int)")
     with (psycopg.connect(dsn, autocommit=True) as plain,
           HealingConnection.connect(dsn, autocommit=True) as healing):
         conns = (plain, healing)
         for r in range(rounds + 1):
-            for name, (shape, transaction, turns) in SHAPES.items():
+            for name, (shape, transaction, turns) in shapes.items():
+                _table = tables[name]
                 # Short turns, alternating: the machine's drifts hit both alike.
                 took = [0.0, 0.0]
                 for turn in range(turns):
@@ -106,7 +123,7 @@ def measure(dsn: str, rounds: int) -> dict[str, float]:
                         took[i] += shape(conns[i], transaction)
                 if r:  # the first round warms caches up (and teaches the table)
                     ratios[name].append(took[1] / took[0])
-            plain.execute("VACUUM ANALYZE bench_explicit")
+            plain.execute(f"VACUUM ANALYZE {', '.join(tables.values())}")
     return {name: statistics.median(values) for name, values in ratios.items()}
 
 

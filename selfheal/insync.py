@@ -190,6 +190,16 @@ class Facts:
             self.explicit_writes[key] = (count + 1, statement)
         self.at_risk(schema, table)
 
+    def settled(self, schema: str, table: str, verified_for: float) -> None:
+        """An explicit-key write was looked at and left the sequence past the keys
+        (`selfheal.explicit`): the table is verified in sync, no longer at risk."""
+        key = (schema, table)
+        with self._lock:
+            self._risky.pop(key, None)
+            if len(self.verified) >= LIMIT:
+                self.verified.clear()
+            self.verified[key] = time.monotonic() + verified_for
+
     def explicit_seen(self, schema: str, table: str) -> dict[str, Any]:
         """The heal event's fields telling whether this process saw explicit-id writes."""
         found = self.explicit_writes.get((schema, table))
