@@ -14,8 +14,9 @@ that the next default insert from any client does not collide:
 - in autocommit, one query reads the table's highest key and the sequence;
   only when the sequence is behind does a short transaction of selfheal's
   own take the advisory lock and move it;
-- inside the caller's transaction, the same runs under a savepoint that is
-  rolled back afterwards: the lock goes with it (none is held past the
+- inside the caller's transaction, the same look runs under a savepoint
+  taken and rolled back in the same round trip, and a move under another:
+  rolled back afterwards, the lock goes with it (none is held past the
   statement), the sequence's move stays (sequences are not transactional),
   and a transaction rolled back later leaves a harmless gap.
 
@@ -33,6 +34,7 @@ told about it: when that transaction is over (`Planner.take_deferred`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,7 @@ from typing import Any
 from psycopg.pq import TransactionStatus
 
 from . import _ops, report
-from ._ops import Operation
+from ._ops import Batch, Command, Operation
 from .discover import TableInfo
 from .errors import SelfhealError
 from .heal import HealOptions
@@ -99,14 +101,17 @@ def settle(writes: Sequence[Write], where: str, options: HealOptions
         info = write.info
         assert info is not None  # `Planner.writes` told it
         try:
-            if where == "autocommit":
-                outcome = yield from _look(write, info, options, False)
-                if outcome is not None and outcome.behind and options.explicit_ids == "advance":
-                    result = yield from scoped(_IDLE, _advance(info, options))
-                    outcome = Outcome(info, outcome.certain, outcome.status, result)
+            if where == "idle":
+                outcome = yield from scoped(_IDLE, _look(write, info, options, True))
             else:
-                status = _INTRANS if where == "transaction" else _IDLE
-                outcome = yield from scoped(status, _look(write, info, options, True))
+                # The look alone first (in autocommit as it is, in the caller's
+                # transaction under a savepoint): one round trip where nothing moves.
+                outcome = yield from _look(write, info, options, False,
+                                           peek=where == "transaction")
+                if outcome is not None and outcome.behind and options.explicit_ids == "advance":
+                    scope = _INTRANS if where == "transaction" else _IDLE
+                    result = yield from scoped(scope, _advance(info, options))
+                    outcome = Outcome(info, outcome.certain, outcome.status, result)
         except handled as err:
             error = err if isinstance(err, SelfhealError) else SelfhealError(str(err))
             outcome = Outcome(info, write.columns is not None, error=error)
@@ -115,17 +120,39 @@ def settle(writes: Sequence[Write], where: str, options: HealOptions
     return outcomes
 
 
-def _look(write: Write, info: TableInfo, options: HealOptions, move: bool
-          ) -> Operation[Outcome | None]:
+def _look(write: Write, info: TableInfo, options: HealOptions, move: bool,
+          peek: bool = False) -> Operation[Outcome | None]:
     certain = write.columns is not None
-    (row,) = yield status_query([info])
-    status = status_of(info, row)
+    if peek:
+        status = yield from _peek(info)
+    else:
+        (row,) = yield status_query([info])
+        status = status_of(info, row)
     if status.in_sync and not certain:
         return None  # no column list, and nothing past the sequence: nothing to tell
     if move and not status.in_sync and options.explicit_ids == "advance":
         result = yield from _advance(info, options)
         return Outcome(info, certain, status, result)
     return Outcome(info, certain, status)
+
+
+_PEEK = Command("SAVEPOINT _selfheal_explicit")
+_UNPEEK = [Command("ROLLBACK TO SAVEPOINT _selfheal_explicit"),
+           Command("RELEASE SAVEPOINT _selfheal_explicit")]
+
+
+def _peek(info: TableInfo) -> Operation[SequenceStatus]:
+    """The table's keys and sequence read inside the caller's transaction, under a
+    savepoint taken and rolled back in the same round trip (where the driver
+    pipelines): a failing read leaves the transaction as it was."""
+    try:
+        _, (row,), _, _ = yield Batch([_PEEK, status_query([info]), *_UNPEEK])
+    except _ops.ERRORS:
+        # The rest of the batch did not run: close the savepoint now.
+        with contextlib.suppress(*_ops.ERRORS):
+            yield Batch(_UNPEEK)
+        raise
+    return status_of(info, row)
 
 
 def _advance(info: TableInfo, options: HealOptions) -> Operation[ResyncResult]:
