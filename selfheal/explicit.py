@@ -171,8 +171,8 @@ def report_outcomes(outcomes: list[Outcome], database: str, statement: str,
             facts.explicit_write(info.schema, info.table, statement)
             if outcome.result is not None or not (outcome.behind or outcome.error):
                 # The sequence is past the keys now (moved under the lock, or
-                # found past them): in sync, not at risk.
-                facts.settled(info.schema, info.table, options.verified_for)
+                # found past them): not at risk.
+                facts.settled(info.schema, info.table)
         try:
             _report(outcome, database, statement, options)
         except Exception:

@@ -190,15 +190,12 @@ class Facts:
             self.explicit_writes[key] = (count + 1, statement)
         self.at_risk(schema, table)
 
-    def settled(self, schema: str, table: str, verified_for: float) -> None:
+    def settled(self, schema: str, table: str) -> None:
         """An explicit-key write was looked at and left the sequence past the keys
-        (`selfheal.explicit`): the table is verified in sync, no longer at risk."""
-        key = (schema, table)
+        (`selfheal.explicit`): no longer at risk. Not verified either: the next
+        check (asked for by the next statement that needs it) may verify it."""
         with self._lock:
-            self._risky.pop(key, None)
-            if len(self.verified) >= LIMIT:
-                self.verified.clear()
-            self.verified[key] = time.monotonic() + verified_for
+            self._risky.pop((schema, table), None)
 
     def explicit_seen(self, schema: str, table: str) -> dict[str, Any]:
         """The heal event's fields telling whether this process saw explicit-id writes."""

@@ -523,19 +523,32 @@ class TestProtection:
             await conn.execute("INSERT INTO t (id, note) VALUES (1000, 'explicit')")
             await conn.execute(self.INSERT, "after")
         await asyncio.sleep(0)
-        # The explicit id is looked at (and the sequence moved past it) under a
-        # savepoint of its own, rolled back (see tests/test_explicit.py): the table
-        # is in sync again, and the insert after it needs no savepoint.
+        # The explicit id is looked at (and the sequence moved past it) under
+        # savepoints of its own, rolled back (see tests/test_explicit.py); the
+        # insert after it is protected until the table is checked again.
         ours = [q for q in sent if "_selfheal" in q]
-        assert "SAVEPOINT _selfheal" not in ours  # no protection of the insert after it
+        assert ours.count("SAVEPOINT _selfheal") == 1
         assert "SAVEPOINT _selfheal_resync" in ours  # the move
-        assert all("_selfheal_explicit" in q or "_selfheal_resync" in q for q in ours)
+        # Left in sync, the table is not at risk: the next check verifies it again.
+        for _ in range(2):
+            async with conn.transaction():
+                await conn.execute(self.INSERT, "again")
         sent.clear()
+        async with conn.transaction():
+            await conn.execute(self.INSERT, "verified")
+        await asyncio.sleep(0)
+        assert [q for q in sent if "_selfheal" in q] == []
+        # Not looked at ("allow"): the table may be ahead of its sequence, and stays
+        # protected however often it is checked.
         conn.selfheal_options = HealOptions(explicit_ids="allow")
         async with conn.transaction():
             await conn.execute("INSERT INTO t (id, note) VALUES (2000, 'explicit')")
-            await conn.execute(self.INSERT, "after")
+        for _ in range(2):
+            async with conn.transaction():
+                await conn.execute(self.INSERT, "again")
+        sent.clear()
+        async with conn.transaction():
+            await conn.execute(self.INSERT, "at risk")
         await asyncio.sleep(0)
-        # Not looked at: the table may be ahead of its sequence, the insert is protected.
         assert [q for q in sent if "_selfheal" in q] == ["SAVEPOINT _selfheal"]
         await conn.close()
