@@ -110,10 +110,15 @@ def _measure(dsn: str, rounds: int, names: list[str]) -> dict[str, float]:
         for table in tables.values():
             admin.execute(f"DROP TABLE IF EXISTS {table}")
             admin.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, v int)")
-    with (psycopg.connect(dsn, autocommit=True) as plain,
-          HealingConnection.connect(dsn, autocommit=True) as healing):
-        conns = (plain, healing)
-        for r in range(rounds + 1):
+    for r in range(rounds + 1):
+        # Fresh connections each round, opened in alternating order: on a small
+        # machine where a server process runs (next to the client or not) biases
+        # one connection's timings for as long as it lives.
+        kinds = (psycopg.Connection, HealingConnection)
+        opened = [kind.connect(dsn, autocommit=True)
+                  for kind in (kinds if r % 2 else kinds[::-1])]
+        conns = opened if r % 2 else opened[::-1]
+        try:
             for name, (shape, transaction, turns) in shapes.items():
                 _table = tables[name]
                 # Short turns, alternating: the machine's drifts hit both alike.
@@ -123,7 +128,10 @@ def _measure(dsn: str, rounds: int, names: list[str]) -> dict[str, float]:
                         took[i] += shape(conns[i], transaction)
                 if r:  # the first round warms caches up (and teaches the table)
                     ratios[name].append(took[1] / took[0])
-            plain.execute(f"VACUUM ANALYZE {', '.join(tables.values())}")
+            conns[0].execute(f"VACUUM ANALYZE {', '.join(tables.values())}")
+        finally:
+            for conn in opened:
+                conn.close()
     return {name: statistics.median(values) for name, values in ratios.items()}
 
 

@@ -123,6 +123,8 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
             _sync(conn)
         return []
     if isinstance(req, Batch):
+        if _opens_alone(conn, req):
+            return [_serve(conn, req.queries[0]), *_serve(conn, Batch(req.queries[1:]))]
         curs = [psycopg.Cursor(conn, row_factory=tuple_row) for _ in req.queries]
         with conn.pipeline():
             for cur, q in zip(curs, req.queries, strict=True):
@@ -160,6 +162,17 @@ async def arun(
             with contextlib.suppress(BaseException):
                 await _aclose(aconn)
         raise
+
+
+def _opens_alone(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+                 batch: Batch) -> bool:
+    """Whether `batch` starts with a BEGIN that must run before the rest is queued:
+    outside autocommit psycopg opens a transaction of its own for a query queued
+    while the connection is idle."""
+    first = batch.queries[0] if batch.queries else None
+    return (isinstance(first, Command) and first.command.startswith("BEGIN")
+            and len(batch.queries) > 1 and not conn.autocommit
+            and conn.info.transaction_status == IDLE)
 
 
 def _left_open(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
@@ -204,6 +217,9 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
             await _async(aconn)
         return []
     if isinstance(req, Batch):
+        if _opens_alone(aconn, req):
+            return [await _aserve(aconn, req.queries[0]),
+                    *await _aserve(aconn, Batch(req.queries[1:]))]
         curs = [psycopg.AsyncCursor(aconn, row_factory=tuple_row) for _ in req.queries]
         async with aconn.pipeline():
             for cur, q in zip(curs, req.queries, strict=True):

@@ -30,7 +30,7 @@ from psycopg.pq import TransactionStatus
 
 from . import _ops, errors
 from ._drive import arun, run
-from ._ops import Batch, Command, FreshQuery, Operation, Query
+from ._ops import Batch, Command, FreshQuery, Operation, Query, Request
 from .discover import TableInfo, Unreadable, describe, list_readable, permission_denied
 
 __all__ = [
@@ -190,14 +190,43 @@ def scoped(status: TransactionStatus, body: Operation[T]) -> Operation[T]:
     opening, closing = _scope(status)
     handled: tuple[type[Exception], ...] = (*_ops.ERRORS, errors.SelfhealError)
     try:
-        for stmt in opening:
-            yield Command(stmt)
-        result = yield from body
+        result = yield from _opened([Command(stmt) for stmt in opening], body)
     except handled:
         yield from _close(closing)
         raise
     yield from _close(closing)
     return result
+
+
+def _opened(opening: list[Command], body: Operation[T]) -> Operation[T]:
+    """`body`, its first request sent behind `opening` in one `Batch` (one round
+    trip where the driver pipelines); an error of either reaches `body` there."""
+    try:
+        req: Request = next(body)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]  # nothing to run: no scope
+    value: Any = None
+    error: BaseException | None = None
+    try:
+        if isinstance(req, Batch):
+            value = (yield Batch([*opening, *req.queries]))[len(opening):]
+        elif isinstance(req, (Query, Command)):
+            value = (yield Batch([*opening, req]))[-1]
+        else:  # a fresh connection's, or the caller's statement: the scope opens alone
+            yield from opening
+            value = yield req
+    except BaseException as ex:  # thrown into `body`, as at its own request
+        error = ex
+    while True:
+        try:
+            req = body.throw(error) if error is not None else body.send(value)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        try:
+            value = yield req
+        except BaseException as ex:
+            error = ex
 
 
 def _timeouts(lock_timeout: float, statement_timeout: float) -> dict[str, str]:
