@@ -50,6 +50,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/bench_asyncpg.py
 	$(BIN)/python bench/bench_guard.py
 	$(BIN)/python bench/bench_explicit.py
+	$(BIN)/python bench/bench_explicit.py --against allow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .peer build *.egg-info

@@ -1,7 +1,7 @@
 """
 What `HealOptions(explicit_ids=...)` costs: healing against plain psycopg, same run.
 
-    python bench/bench_explicit.py [--dsn DSN] [--rounds R]
+    python bench/bench_explicit.py [--dsn DSN] [--rounds R] [--against plain|allow]
 
 Without --dsn it starts an embedded PostgreSQL. One table; each round runs
 every shape through a plain psycopg connection and a `HealingConnection`
@@ -92,16 +92,22 @@ SHAPES: dict[str, tuple[Callable[[psycopg.Connection[Any], bool], float], bool, 
 }
 
 
-def measure(dsn: str, rounds: int) -> dict[str, float]:
+def measure(dsn: str, rounds: int, against: str = "plain") -> dict[str, float]:
     """Median over rounds of healing/plain time, per shape: the default-id shapes
     first, on connections of their own, then the explicit-id ones (run together
     they disturb each other's timings, on both connections alike or not)."""
     default = [name for name in SHAPES if name.startswith("default")]
-    return {**_measure(dsn, rounds, default),
-            **_measure(dsn, rounds, [name for name in SHAPES if name not in default])}
+    base: type[psycopg.Connection[Any]] = (
+        psycopg.Connection if against == "plain"
+        else HealingConnection.with_options(explicit_ids="allow"))
+    if against != "plain":  # only the default-id shapes compare with "allow"
+        return _measure(dsn, rounds, default, base)
+    return {**_measure(dsn, rounds, default, base),
+            **_measure(dsn, rounds, [name for name in SHAPES if name not in default], base)}
 
 
-def _measure(dsn: str, rounds: int, names: list[str]) -> dict[str, float]:
+def _measure(dsn: str, rounds: int, names: list[str],
+             base: type[psycopg.Connection[Any]]) -> dict[str, float]:
     shapes = {name: SHAPES[name] for name in names}
     ratios: dict[str, list[float]] = {name: [] for name in shapes}
     global _table
@@ -114,7 +120,7 @@ def _measure(dsn: str, rounds: int, names: list[str]) -> dict[str, float]:
         # Fresh connections each round, opened in alternating order: on a small
         # machine where a server process runs (next to the client or not) biases
         # one connection's timings for as long as it lives.
-        kinds = (psycopg.Connection, HealingConnection)
+        kinds = (base, HealingConnection)
         opened = [kind.connect(dsn, autocommit=True)
                   for kind in (kinds if r % 2 else kinds[::-1])]
         conns = opened if r % 2 else opened[::-1]
@@ -139,6 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--dsn")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--against", choices=("plain", "allow"), default="plain",
+                        help="the baseline: plain psycopg, or a HealingConnection with"
+                        " explicit_ids=\"allow\" (what explicit_ids adds to default ids)")
     args = parser.parse_args()
     # The audit events are not what is measured (they are rate-limited anyway).
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -150,9 +159,11 @@ def main() -> None:
         dsn, server = start_server()
     with psycopg.connect(dsn) as conn:
         version = conn.info.server_version
-    print(f"healing / plain psycopg, median of {args.rounds} interleaved rounds,"
+    baseline = ("plain psycopg" if args.against == "plain"
+                else 'HealingConnection(explicit_ids="allow")')
+    print(f"healing / {baseline}, median of {args.rounds} interleaved rounds,"
           f" PostgreSQL {version // 10000}:")
-    for name, ratio in measure(dsn, args.rounds).items():
+    for name, ratio in measure(dsn, args.rounds, args.against).items():
         print(f"  {name:<50} {ratio:.3f}x")
     del server
 
