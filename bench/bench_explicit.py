@@ -6,7 +6,8 @@ What `HealOptions(explicit_ids=...)` costs: healing against plain psycopg, same 
 Without --dsn it starts an embedded PostgreSQL. One table; each round runs
 every shape through a plain psycopg connection and a `HealingConnection`
 (the default, ``explicit_ids="advance"``), in alternating order, and the
-median of the per-round ratios (healing / plain) is printed. Shapes:
+median of the per-round ratios (healing / plain) is printed, with the median
+time the healing connection adds to each statement. Shapes:
 
 - default-id single-row inserts, autocommit and inside one transaction
   (what every application does: the target is "nothing new");
@@ -92,7 +93,8 @@ SHAPES: dict[str, tuple[Callable[[psycopg.Connection[Any], bool], float], bool, 
 }
 
 
-def measure(dsn: str, rounds: int, against: str = "plain") -> dict[str, float]:
+def measure(dsn: str, rounds: int, against: str = "plain"
+            ) -> dict[str, tuple[float, float]]:
     """Median over rounds of healing/plain time, per shape: the default-id shapes
     first, on connections of their own, then the explicit-id ones (run together
     they disturb each other's timings, on both connections alike or not)."""
@@ -107,9 +109,10 @@ def measure(dsn: str, rounds: int, against: str = "plain") -> dict[str, float]:
 
 
 def _measure(dsn: str, rounds: int, names: list[str],
-             base: type[psycopg.Connection[Any]]) -> dict[str, float]:
+             base: type[psycopg.Connection[Any]]) -> dict[str, tuple[float, float]]:
     shapes = {name: SHAPES[name] for name in names}
     ratios: dict[str, list[float]] = {name: [] for name in shapes}
+    added: dict[str, list[float]] = {name: [] for name in shapes}
     global _table
     tables = {name: f"bench_explicit_{i}" for i, name in enumerate(shapes)}
     with psycopg.connect(dsn, autocommit=True) as admin:
@@ -134,11 +137,15 @@ def _measure(dsn: str, rounds: int, names: list[str],
                         took[i] += shape(conns[i], transaction)
                 if r:  # the first round warms caches up (and teaches the table)
                     ratios[name].append(took[1] / took[0])
+                    # What the healing connection adds per statement, in µs.
+                    statements = turns * (1 if shape is multi else SINGLE)
+                    added[name].append((took[1] - took[0]) / statements * 1e6)
             conns[0].execute(f"VACUUM ANALYZE {', '.join(tables.values())}")
         finally:
             for conn in opened:
                 conn.close()
-    return {name: statistics.median(values) for name, values in ratios.items()}
+    return {name: (statistics.median(values), statistics.median(added[name]))
+            for name, values in ratios.items()}
 
 
 def main() -> None:
@@ -163,8 +170,8 @@ def main() -> None:
                 else 'HealingConnection(explicit_ids="allow")')
     print(f"healing / {baseline}, median of {args.rounds} interleaved rounds,"
           f" PostgreSQL {version // 10000}:")
-    for name, ratio in measure(dsn, args.rounds, args.against).items():
-        print(f"  {name:<50} {ratio:.3f}x")
+    for name, (ratio, added) in measure(dsn, args.rounds, args.against).items():
+        print(f"  {name:<50} {ratio:.3f}x  {added:+8.0f} µs a statement")
     del server
 
 
