@@ -90,7 +90,7 @@ class _Shell:
         # The writes of keys of its own that the pending executemany() makes.
         self._selfheal_pending_writes: tuple[Write, ...] = ()
         # A COPY FROM in progress that writes keys: its writes and statement.
-        self._selfheal_copy: tuple[tuple[Write, ...], dict[str, Any]] | None = None
+        self._selfheal_copy: tuple[tuple[Write, ...], str] | None = None
         # The caller's notices, held while a statement may be retried.
         self._selfheal_notices: _attempt.HeldNotices | None = None
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -168,7 +168,7 @@ class _Shell:
                 target = copy_target(statement)
                 writes = planner.copy_writes(*target) if target is not None else ()
                 if writes:
-                    self._selfheal_copy = (writes, {"query": statement})
+                    self._selfheal_copy = (writes, statement)
         return False
 
     def _selfheal_refresh_due(self, mode: Mode) -> bool:
@@ -316,7 +316,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                     self._selfheal_refresh()
                 elif code is _attempt.COPY_END and self._selfheal_copy is not None:
                     # A COPY FROM into a table with a sequence-backed key ends.
-                    wrote, f = self._selfheal_copy
+                    wrote, copied = self._selfheal_copy
                     self._selfheal_copy = None
                 mode = Mode.PASS
             else:
@@ -337,7 +337,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                     self._selfheal_pending = (call, _PASS, None)
                     self._selfheal_pending_writes = wrote
                 else:
-                    self._selfheal_explicit(wrote, f["query"] if call is None else call.query)
+                    self._selfheal_explicit(wrote, call.query if call is not None
+                                             else copied if code is _attempt.COPY_END
+                                             else f["query"])
             elif planner.deferred and self._selfheal_idle():
                 self._selfheal_refresh()  # the transaction that wrote them is over
             return value
@@ -565,7 +567,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                     await self._selfheal_refresh()
                 elif code is _attempt.COPY_END and self._selfheal_copy is not None:
                     # A COPY FROM into a table with a sequence-backed key ends.
-                    wrote, f = self._selfheal_copy
+                    wrote, copied = self._selfheal_copy
                     self._selfheal_copy = None
                 mode = Mode.PASS
             else:
@@ -586,7 +588,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                     self._selfheal_pending = (call, _PASS, None)
                     self._selfheal_pending_writes = wrote
                 else:
-                    await self._selfheal_explicit(wrote, f["query"] if call is None else call.query)
+                    await self._selfheal_explicit(wrote, call.query if call is not None
+                                             else copied if code is _attempt.COPY_END
+                                             else f["query"])
             elif planner.deferred and self._selfheal_idle():
                 await self._selfheal_refresh()  # the transaction that wrote them is over
             return value
