@@ -233,13 +233,8 @@ def _name(kind: str, value: str) -> str | None:
     return None
 
 
-def _insert_target(
-    toks: Iterator[Token],
-) -> tuple[tuple[str, ...] | None, frozenset[str] | None, str]:
-    """Read ``INTO name [AS alias] [(cols)]`` after INSERT; the last token kind read."""
-    kind, value = next(toks, ("", ""))
-    if kind != "word" or value.upper() != "INTO":
-        return None, None, kind
+def _qualified_name(toks: Iterator[Token]) -> tuple[list[str], str, str]:
+    """Read ``[schema.]name`` from `toks`: its parts, and the token after it."""
     parts: list[str] = []
     kind, value = next(toks, ("", ""))
     while (part := _name(kind, value)) is not None:
@@ -248,6 +243,33 @@ def _insert_target(
         if kind != ".":
             break
         kind, value = next(toks, ("", ""))
+    return parts, kind, value
+
+
+def _column_list(toks: Iterator[Token]) -> tuple[frozenset[str] | None, str]:
+    """Read ``cols)`` after an opening "(": the columns (None: not a plain list of
+    names), and the last token kind read."""
+    columns: set[str] = set()
+    for kind, value in toks:
+        if kind == ")":
+            return frozenset(columns), kind
+        name = _name(kind, value)
+        if name is not None:
+            columns.add(name)
+        elif kind != ",":
+            # A sub-select or anything else: not a plain column list.
+            return None, kind
+    return None, ""
+
+
+def _insert_target(
+    toks: Iterator[Token],
+) -> tuple[tuple[str, ...] | None, frozenset[str] | None, str]:
+    """Read ``INTO name [AS alias] [(cols)]`` after INSERT; the last token kind read."""
+    kind, value = next(toks, ("", ""))
+    if kind != "word" or value.upper() != "INTO":
+        return None, None, kind
+    parts, kind, value = _qualified_name(toks)
     if not parts:
         return None, None, kind
     table = tuple(parts)
@@ -264,17 +286,8 @@ def _insert_target(
         kind, value = next(toks, ("", ""))  # an alias without AS
     if kind != "(":
         return table, None, kind
-    columns: set[str] = set()
-    for kind, value in toks:
-        if kind == ")":
-            return table, frozenset(columns), kind
-        name = _name(kind, value)
-        if name is not None:
-            columns.add(name)
-        elif kind != ",":
-            # A sub-select or anything else: not a plain column list.
-            return table, None, kind
-    return table, None, ""
+    columns, kind = _column_list(toks)
+    return table, columns, kind
 
 
 def copy_target(text: str) -> tuple[tuple[str, ...], frozenset[str] | None] | None:
@@ -286,31 +299,18 @@ def copy_target(text: str) -> tuple[tuple[str, ...], frozenset[str] | None] | No
     kind, value = next(toks, ("", ""))
     if kind != "word" or value.upper() != "COPY":
         return None
-    parts: list[str] = []
-    kind, value = next(toks, ("", ""))
-    while (part := _name(kind, value)) is not None:
-        parts.append(part)
-        kind, value = next(toks, ("", ""))
-        if kind != ".":
-            break
-        kind, value = next(toks, ("", ""))
+    parts, kind, value = _qualified_name(toks)
     if not parts:
         return None
-    columns: set[str] | None = None
+    columns: frozenset[str] | None = None
     if kind == "(":
-        columns = set()
-        for kind, value in toks:
-            if kind == ")":
-                break
-            name = _name(kind, value)
-            if name is not None:
-                columns.add(name)
-            elif kind != ",":
-                return None
+        columns, kind = _column_list(toks)
+        if columns is None:
+            return None
         kind, value = next(toks, ("", ""))
     if kind != "word" or value.upper() != "FROM":
         return None
-    return tuple(parts), None if columns is None else frozenset(columns)
+    return tuple(parts), columns
 
 
 #: Shapes of query strings seen in this process, bounded (cleared when full).
