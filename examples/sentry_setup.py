@@ -19,11 +19,11 @@ import sentry_sdk
 from selfheal import HealingConnection
 from selfheal.sentry import SelfhealIntegration
 
+# selfheal never sends query parameters, row values or frames' variables,
+# whatever the options for the rest of the application say.
 sentry_sdk.init(
     dsn=os.environ.get("SENTRY_DSN"),
     integrations=[SelfhealIntegration(interval=600)],
-    # selfheal never sends query parameters or row values, whatever this says.
-    send_default_pii=False,
 )
 
 # A seeder that is not selfheal writes ids of its own: the sequence stays behind.

@@ -26,6 +26,7 @@ never raises into the application.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -49,6 +50,12 @@ try:
     from sentry_sdk.utils import current_stacktrace, event_from_exception
 except ImportError:  # pragma: no cover - sentry is an optional extra
     sentry_sdk = None  # type: ignore[assignment]
+    _SDK2 = False
+else:
+    # sentry-sdk 2 takes what frames carry per call; 3 reads it from the
+    # client's `data_collection` option. Either way selfheal strips the
+    # variables from every frame it sends.
+    _SDK2 = "include_local_variables" in inspect.signature(current_stacktrace).parameters
 
 #: Default seconds during which repeated Sentry events for one table are
 #: counted instead of sent.
@@ -234,12 +241,21 @@ def _tags(database: str, schema: str, table: str, sequence: str) -> dict[str, st
 def _stacktrace_without_locals() -> dict[str, Any]:
     # Where the application hit the collision, but never its variables:
     # they hold query parameters and row values.
-    client = sentry_sdk.get_client()
-    trace = current_stacktrace(
-        include_local_variables=False,
-        include_source_context=client.options.get("include_source_context", True),
-    )
+    if _SDK2:
+        trace = current_stacktrace(
+            include_local_variables=False,
+            include_source_context=sentry_sdk.get_client().options.get(
+                "include_source_context", True),
+        )
+    else:
+        trace = current_stacktrace()
+    _strip_variables(trace)
     return {"values": [{"stacktrace": trace, "crashed": False, "current": True}]}
+
+
+def _strip_variables(stacktrace: Any) -> None:
+    for frame in (stacktrace or {}).get("frames", ()):
+        frame.pop("vars", None)
 
 
 def _send_heal(heal: Heal) -> None:
@@ -289,13 +305,16 @@ def _send_failure(failure: HealFailure) -> None:
         return
     client = sentry_sdk.get_client()
     shown = failure.original if failure.original is not None else failure.error
-    options = dict(client.options)
-    options.update(include_local_variables=False, add_full_stack=False)
-    built, _hint = event_from_exception(
-        shown, client_options=options, mechanism={"type": "selfheal", "handled": True}
-    )
+    mechanism = {"type": "selfheal", "handled": True}
+    if _SDK2:
+        options = dict(client.options)
+        options.update(include_local_variables=False, add_full_stack=False)
+        built, _hint = event_from_exception(shown, client_options=options, mechanism=mechanism)
+    else:
+        built, _hint = event_from_exception(shown, mechanism=mechanism)
     event: dict[str, Any] = dict(built)
     for value in event.get("exception", {}).get("values", []):
+        _strip_variables(value.get("stacktrace"))
         # The server's DETAIL line quotes the colliding key; keep the first line.
         value["value"] = str(value.get("value", "")).split("\n", 1)[0]
     event.update(

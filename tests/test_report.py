@@ -75,6 +75,14 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
+#: The init options that send frames' variables, on the installed sentry-sdk
+#: (2: a flag of its own; 3: `data_collection`).
+SEND_LOCALS: dict[str, Any] = (
+    {"include_local_variables": True}
+    if sentry_sdk.VERSION.startswith("2.")
+    else {"data_collection": {"stack_frame_variables": True}}
+)
+
 def init_sentry(receiver: Receiver, **options: Any) -> None:
     sentry_sdk.init(dsn=receiver.dsn, default_integrations=False, **options)
 
@@ -216,7 +224,7 @@ class TestSentry:
         self, receiver: Receiver, conn: psycopg.Connection, dsn: str
     ) -> None:
         """With attach_stacktrace on, frames are sent without their variables."""
-        init_sentry(receiver, attach_stacktrace=True, include_local_variables=True)
+        init_sentry(receiver, attach_stacktrace=True, **SEND_LOCALS)
         make_drifted(conn)
         with HealingConnection.connect(dsn, autocommit=True) as hc:
             hc.execute("INSERT INTO payments (note) VALUES (%s)", (SECRET,))
