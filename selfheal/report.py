@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -242,7 +242,7 @@ def _stacktrace_without_locals() -> dict[str, Any]:
     # Where the application hit the collision, but never its variables:
     # they hold query parameters and row values.
     if _SDK2:
-        trace = current_stacktrace(
+        trace = cast(Any, current_stacktrace)(
             include_local_variables=False,
             include_source_context=sentry_sdk.get_client().options.get(
                 "include_source_context", True),
@@ -309,7 +309,8 @@ def _send_failure(failure: HealFailure) -> None:
     if _SDK2:
         options = dict(client.options)
         options.update(include_local_variables=False, add_full_stack=False)
-        built, _hint = event_from_exception(shown, client_options=options, mechanism=mechanism)
+        built, _hint = cast(Any, event_from_exception)(
+            shown, client_options=options, mechanism=mechanism)
     else:
         built, _hint = event_from_exception(shown, mechanism=mechanism)
     event: dict[str, Any] = dict(built)
