@@ -238,7 +238,7 @@ def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
     """
     first: psycopg.Error | None = None
     pgconn = conn.pgconn
-    batch = _Batch(conn)
+    batch = _batch_of(conn)
     pgconn.enter_pipeline_mode()
     batch.level = 1
     conn._pipeline = batch
@@ -275,6 +275,18 @@ def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
         conn._pipeline = None
     if first is not None:
         raise first
+
+
+def _batch_of(conn: Any) -> _Batch:
+    """The connection's own `_Batch`, empty: made once, it costs more than a statement's
+    decision."""
+    batch: _Batch | None = getattr(conn, "_selfheal_batch", None)
+    if batch is None or batch.pgconn is not conn.pgconn:
+        batch = conn._selfheal_batch = _Batch(conn)
+    else:
+        batch.command_queue.clear()
+        batch.result_queue.clear()
+    return batch
 
 
 def _results_to_sync(pgconn: Any) -> PQGen[tuple[list[list[Any]], psycopg.Error | None]]:

@@ -130,7 +130,10 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         mode = None
         planner = self._selfheal_planner
         if not self._selfheal_failed and self._protocol.is_in_transaction():
-            mode = planner.plan(_INTRANS, True, query, self, self.selfheal_options)
+            options = self.selfheal_options
+            mode = planner.quick(_INTRANS, True, query, options.protect == "auto")
+            if mode is None:
+                mode = planner.plan(_INTRANS, True, query, self, options)
         if mode is _PASS:
             # The hot path: inside a transaction, nothing to protect.
             try:
@@ -207,7 +210,10 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         planner = self._selfheal_planner
         if mode is None:
             status = self._selfheal_status()
-            mode = planner.plan(status, True, query, self, self.selfheal_options)
+            options = self.selfheal_options
+            mode = planner.quick(status, True, query, options.protect == "auto")
+            if mode is None:
+                mode = planner.plan(status, True, query, self, options)
             if status is _IDLE and planner.facts.due:
                 # What the statement asked to know (or earlier ones) is read first.
                 await self._selfheal_refresh()

@@ -184,6 +184,44 @@ class Planner:
         self.explicit = ()
         return _PASS
 
+    def quick(self, status: int, autocommit: bool, query: Any, auto: bool) -> Mode | None:
+        """`plan` for the statements a connection runs most, or None: ask `plan`.
+
+        A query string judged before, with nothing to watch, that runs as it
+        is: inside a transaction (`Mode.PASS`), one that cannot draw from a
+        sequence, an UPDATE or DELETE where no trigger or rule could, or a
+        default-key INSERT into a table verified in sync for a while yet
+        (`auto`: the ``"auto"`` protection); outside one (`Mode.AUTOCOMMIT`,
+        `Mode.OPENED`), one that writes no key of its own and changes no
+        schema, while no check of the facts is due. The hot path of every
+        driver: dictionary lookups, no call into the catalog.
+        """
+        v = self._verdicts.get(query) if type(query) is str else None
+        if v is None or v.writes:
+            return None
+        facts = self.facts
+        if v.epoch != facts.epoch or (
+                v.search_path is not None and v.search_path != self.search_path()):
+            return None
+        kind = v.kind
+        if status == _INTRANS:
+            if kind is _DEFAULT_KEY:
+                if not auto:
+                    return None
+                until = facts.verified.get(v.key)  # type: ignore[arg-type]
+                if until is None or until < time.monotonic() + RENEW:
+                    return None  # `plan` renews it, or protects
+            elif not (kind is _QUIET or (kind is _TRIGGERED and facts.triggers is False)):
+                return None
+            self.explicit = ()
+            return _PASS
+        if status == _IDLE and not facts.due and not (
+                kind is _EXPLICIT or kind is _SCHEMA or kind is _MULTI):
+            self.savepoints = 0
+            self.explicit = ()
+            return _AUTOCOMMIT if autocommit else _OPENED
+        return None
+
     def writes(self, explicit: tuple[Write, ...], statement: str | None = None
                ) -> list[Write]:
         """`explicit` (a verdict's writes) told by what the catalog says now.

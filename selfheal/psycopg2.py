@@ -85,8 +85,10 @@ class _HealingCursor:
         if conn._selfheal_busy or self.name is not None:
             return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
         planner = conn._selfheal_planner
-        if conn._selfheal_info.transaction_status == _INTRANS and planner.plan(
-                _INTRANS, False, query, conn, conn.selfheal_options) is _PASS:
+        if conn._selfheal_info.transaction_status == _INTRANS and (
+                planner.quick(_INTRANS, False, query,
+                              conn.selfheal_options.protect == "auto") is _PASS
+                or planner.plan(_INTRANS, False, query, conn, conn.selfheal_options) is _PASS):
             # The hot path: inside a transaction, nothing to protect.
             try:
                 value = self._selfheal_execute(self, query, vars)

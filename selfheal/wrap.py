@@ -57,6 +57,9 @@ __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
 _EXECUTE = _attempt.EXECUTE
+# psycopg's own wait(), called straight: the hot path spares itself super().
+_WAIT = psycopg.Connection.wait
+_AWAIT = psycopg.AsyncConnection.wait
 # Whether this libpq has pipelines (a savepoint then travels with the statement;
 # without, it would cost round trips of its own: then only executemany() gets one).
 _PIPELINES = psycopg.Pipeline.is_supported()
@@ -277,8 +280,30 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
     def wait(self, gen: PQGen[_RV], interval: float = _WAIT_INTERVAL,
              timeout: float | None = None) -> _RV:
         """As `psycopg.Connection.wait`: where selfheal sees every statement run."""
-        if self._selfheal_busy:
-            return super().wait(gen, interval, timeout)
+        if getattr(gen, "gi_code", None) is _EXECUTE and not self._selfheal_busy:
+            # The hot path: one execute() that `Planner.quick` lets run as it is.
+            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            pgconn = self.pgconn
+            mode = self._selfheal_planner.quick(
+                pgconn.transaction_status, self._autocommit, f["query"],
+                self.selfheal_options.protect == "auto",
+            ) if pgconn.pipeline_status == _OFF else None
+            if mode is _PASS:
+                try:
+                    return _WAIT(self, gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    self._selfheal_heal_only(ex)
+                    raise
+            if mode is not None and not self._notice_handlers:
+                try:
+                    return _WAIT(self, gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
+        elif self._selfheal_busy:
+            return _WAIT(self, gen, interval, timeout)
+        return self._selfheal_wait(gen, interval, timeout)
+
+    def _selfheal_wait(self, gen: PQGen[_RV], interval: float, timeout: float | None) -> _RV:
         code = getattr(gen, "gi_code", None)
         call: _attempt.Call | None
         planner = self._selfheal_planner
@@ -295,11 +320,11 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 wrote = planner.explicit
             if mode is _PASS:
                 call = None
-            elif (mode is not _SAVEPOINT and not self._notice_handlers
-                    and not planner.facts.due):
-                # Nothing to add before the first attempt: run it as plain.
+            elif not self._notice_handlers and (mode is _SAVEPOINT or not planner.facts.due):
+                # Nothing to add before the first attempt but its savepoint, if any.
                 try:
-                    value = super().wait(gen, interval, timeout)
+                    value = _WAIT(self, _attempt.savepointed(self, gen) if mode is _SAVEPOINT
+                                  else gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
                 if wrote:
@@ -528,8 +553,32 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
     async def wait(self, gen: PQGen[_RV], interval: float = _WAIT_INTERVAL,
              timeout: float | None = None) -> _RV:
         """As `psycopg.AsyncConnection.wait`: where selfheal sees every statement run."""
-        if self._selfheal_busy:
-            return await super().wait(gen, interval, timeout)
+        if getattr(gen, "gi_code", None) is _EXECUTE and not self._selfheal_busy:
+            # The hot path: one execute() that `Planner.quick` lets run as it is.
+            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            pgconn = self.pgconn
+            mode = self._selfheal_planner.quick(
+                pgconn.transaction_status, self._autocommit, f["query"],
+                self.selfheal_options.protect == "auto",
+            ) if pgconn.pipeline_status == _OFF else None
+            if mode is _PASS:
+                try:
+                    return await _AWAIT(self, gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    await self._selfheal_heal_only(ex)
+                    raise
+            if mode is not None and not self._notice_handlers:
+                try:
+                    return await _AWAIT(self, gen, interval, timeout)
+                except pgerrors.UniqueViolation as ex:
+                    return await self._selfheal_first_failed(
+                        ex, _attempt.execute_call(f), mode)
+        elif self._selfheal_busy:
+            return await _AWAIT(self, gen, interval, timeout)
+        return await self._selfheal_wait(gen, interval, timeout)
+
+    async def _selfheal_wait(self, gen: PQGen[_RV], interval: float, timeout: float | None
+                             ) -> _RV:
         code = getattr(gen, "gi_code", None)
         call: _attempt.Call | None
         planner = self._selfheal_planner
@@ -546,11 +595,11 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 wrote = planner.explicit
             if mode is _PASS:
                 call = None
-            elif (mode is not _SAVEPOINT and not self._notice_handlers
-                    and not planner.facts.due):
-                # Nothing to add before the first attempt: run it as plain.
+            elif not self._notice_handlers and (mode is _SAVEPOINT or not planner.facts.due):
+                # Nothing to add before the first attempt but its savepoint, if any.
                 try:
-                    value = await super().wait(gen, interval, timeout)
+                    value = await _AWAIT(self, _attempt.savepointed(self, gen)
+                                         if mode is _SAVEPOINT else gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
                 if wrote:

@@ -377,3 +377,69 @@ class TestAsync:
             cur = await hc.execute("INSERT INTO t (note) VALUES ('again') RETURNING id")
             assert await cur.fetchone() == (top + 1,)
             await hc.commit()
+
+
+class TestQuick:
+    """`Planner.quick`, the drivers' hot path, answers as `Planner.plan` would, or not at all."""
+
+    SCRIPT = (
+        "SELECT 1",
+        INSERT,
+        "UPDATE t SET note = 'y' WHERE id = 1",
+        "INSERT INTO t (id, note) VALUES (-1, 'explicit') ON CONFLICT DO NOTHING",
+        INSERT,
+        "SAVEPOINT a",
+        INSERT,
+        "RELEASE SAVEPOINT a",
+        "INSERT INTO t (note) VALUES ('a'); INSERT INTO t (note) VALUES ('b')",
+        INSERT,
+        "INSERT INTO other (note) VALUES ('o')",
+        "DELETE FROM t WHERE id = -1",
+    )
+    #: Run in the third round only: what DDL does to the answers.
+    DDL = "CREATE TEMP TABLE scratch (x int)"
+
+    @pytest.mark.parametrize("protect_mode", ["auto", "always"])
+    @pytest.mark.parametrize("autocommit", [False, True])
+    def test_quick_agrees_with_plan(self, conn: psycopg.Connection, dsn: str, table: None,
+                                    monkeypatch: pytest.MonkeyPatch, protect_mode: str,
+                                    autocommit: bool) -> None:
+        """Over rounds of every kind of statement, in sync, at risk and after DDL, every
+        answer of quick() is plan()'s; it answers the statements that need nothing."""
+        conn.execute("CREATE TABLE other (id serial PRIMARY KEY, note text)")
+        answers: list[tuple[str, Any, Any]] = []
+        quick = protect.Planner.quick
+
+        def checked(self: protect.Planner, status: int, autocommit: bool, query: Any,
+                    auto: bool) -> Any:
+            mode = quick(self, status, autocommit, query, auto)
+            planned = None
+            if mode is not None:
+                options = HealOptions(protect="auto" if auto else "always")
+                planned = self.plan(status, autocommit, query, None, options)
+            answers.append((query, mode, planned))
+            return mode
+
+        monkeypatch.setattr(protect.Planner, "quick", checked)
+        cls = HealingConnection.with_options(protect=protect_mode, verified_for=600.0)
+        with cls.connect(dsn, autocommit=autocommit) as hc:
+            for i in range(6):
+                for query in self.SCRIPT:
+                    if not (autocommit and "SAVEPOINT" in query):
+                        hc.execute(query)
+                if i == 2:
+                    hc.execute(self.DDL)
+                if not autocommit:
+                    hc.commit()
+        assert [a for a in answers if a[1] is not None and a[1] is not a[2]] == []
+        answered = {query for query, mode, _ in answers if mode is not None}
+        assert {"UPDATE t SET note = 'y' WHERE id = 1", "DELETE FROM t WHERE id = -1"} <= answered
+        assert ("RELEASE SAVEPOINT a" in answered) is not autocommit
+        # A default-id insert into a table verified in sync needs nothing, but under
+        # protect="always" in a transaction; the explicit-id one always has its look.
+        other = "INSERT INTO other (note) VALUES ('o')"
+        assert (other in answered) is (protect_mode == "auto" or autocommit)
+        assert self.SCRIPT[3] not in answered
+        # Every row landed once: 6 default-id rows into t a round.
+        assert conn.execute("SELECT count(*) FROM t WHERE id > 0").fetchone() == (6 * 6,)
+        assert conn.execute("SELECT count(*) FROM other").fetchone() == (6,)
