@@ -1,7 +1,7 @@
 """
 What selfheal.asyncpg.HealingConnection costs, shape by shape, against plain asyncpg.
 
-    python bench/bench_asyncpg.py [--dsn DSN] [--rounds R] [--txns N]
+    python bench/bench_asyncpg.py [--dsn DSN] [--rounds R] [--txns N] [--cpu N|last|none]
 
 The shapes of bench_txn.py, written as asyncpg applications write them
 (``async with conn.transaction():``, ``$n`` parameters), on the same tables.
@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import structlog
-from bench_txn import SETUP
+from bench_txn import SETUP, cpu_of, pin
 from psycopg import sql
 
 from selfheal.asyncpg import HealingConnection
@@ -74,10 +74,11 @@ async def autocommit_insert(conn: Any, rng: random.Random) -> None:
     await conn.execute("INSERT INTO items (v) VALUES ($1)", 1)
 
 
-async def mark_drifted(conn: Any) -> None:
-    """Write an explicit id to `drifted`, as a seeder would: selfheal protects it from now."""
-    await conn.execute("INSERT INTO drifted (id, v) SELECT min(id) - 1, 0 FROM"
-                       " (SELECT coalesce(min(id), 0) AS id FROM drifted) m")
+async def mark_drifted(admin: psycopg.Connection[Any], healing: Any) -> None:
+    """Drift `drifted` as another client would, and let the healing connection collide
+    with it once: the heal keeps the table at risk, its inserts protected from then on."""
+    admin.execute("INSERT INTO drifted (id, v) SELECT nextval('drifted_id_seq') + 1, 0")
+    await healing.execute("INSERT INTO drifted (v) VALUES (0)")
 
 
 SHAPES: dict[str, Shape] = {
@@ -97,12 +98,11 @@ def backend_cpu(pid: int) -> float | None:
         return None
 
 
-async def round_of(name: str, plain: Any, healing: Any, txns: int, seed: int
-                   ) -> tuple[list[float], list[float]]:
+async def round_of(name: str, plain: Any, healing: Any, txns: int, seed: int,
+                   admin: psycopg.Connection[Any]) -> tuple[list[float], list[float]]:
     run = SHAPES[name]
     if name == "drifted":
-        await mark_drifted(plain)
-        await mark_drifted(healing)
+        await mark_drifted(admin, healing)
     rngs = random.Random(seed), random.Random(seed)
     spent = [[0.0, 0.0], [0.0, 0.0]]
     pids = plain.get_server_pid(), healing.get_server_pid()
@@ -134,16 +134,18 @@ def connect_args(dsn: str) -> dict[str, Any]:
             if k in ("host", "port", "user", "password", "dbname")}
 
 
-async def bench(dsn: str, rounds: int, txns: int) -> None:
+async def bench(dsn: str, rounds: int, txns: int, cpu: int | None) -> None:
     with psycopg.connect(dsn, autocommit=True) as admin:
         admin.execute(SETUP)
         plain = await asyncpg.connect(**connect_args(dsn))
         healing = await asyncpg.connect(**connect_args(dsn), connection_class=HealingConnection)
+        pinned = pin([admin.info.backend_pid, plain.get_server_pid(),
+                      healing.get_server_pid()], cpu)
         times: dict[tuple[str, str], list[list[float]]] = {}
         xids: dict[tuple[str, str], float] = {}
         for r in range(rounds + 1):
             for name in SHAPES:
-                spent = await round_of(name, plain, healing, txns, seed=r)
+                spent = await round_of(name, plain, healing, txns, r, admin)
                 if r:  # round 0 warms up the server and selfheal's facts
                     times.setdefault((name, "plain"), []).append(spent[0])
                     times.setdefault((name, "healing"), []).append(spent[1])
@@ -159,7 +161,7 @@ async def bench(dsn: str, rounds: int, txns: int) -> None:
         await plain.close()
         await healing.close()
     print(f"asyncpg: {rounds} interleaved rounds of {txns} transactions per shape;"
-          " median round")
+          f" median round; {pinned}")
     print(f"{'shape':<12} {'plain us/txn':>13} {'healing us/txn':>15} {'ratio':>6}"
           f" {'cpu ratio':>10} {'xids/txn plain':>15} {'healing':>8}")
     for name in SHAPES:
@@ -179,6 +181,9 @@ def main() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--txns", type=int, default=200)
+    parser.add_argument("--cpu", default="last",
+                        help="the CPU to run client and server processes on: a number,"
+                             " 'last' (default) or 'none' (the scheduler's choice)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     server = None
@@ -188,7 +193,7 @@ def main() -> None:
 
         dsn, server = start_server()
     try:
-        asyncio.run(bench(dsn, args.rounds, args.txns))
+        asyncio.run(bench(dsn, args.rounds, args.txns, cpu_of(args.cpu)))
     finally:
         if server is not None:
             server.cleanup()

@@ -2,6 +2,7 @@
 What HealingConnection costs inside transactions, shape by shape, against plain psycopg.
 
     python bench/bench_txn.py [--dsn DSN] [--rounds R] [--txns N] [--driver psycopg2]
+                              [--cpu N|last|none]
 
 Without --dsn it starts an embedded PostgreSQL. Each round runs every shape
 N times on a plain and on a healing connection, interleaved transaction by
@@ -11,10 +12,15 @@ the transaction ids each shape takes per transaction (one for the
 transaction, one per savepoint that wrote), and the latency of an insert
 that collides and is healed and retried, against a plain insert.
 
+Client and server processes run on one CPU (`--cpu`, see `pin`): on a small
+shared machine the scheduler's placement of each connection's server process
+moves its times by more than what is measured.
+
 Shapes: a pgbench-style TPC-B transaction (3 UPDATE, SELECT, INSERT into a
 bigserial history); an ORM request (SELECT, INSERT ... RETURNING into a
 serial table, UPDATE); an insert-only transaction (20 default-id inserts);
-the same into a table known to be drifted (so every insert is protected);
+the same into a table known to be drifted (it collided and was healed: at
+risk, so every insert is protected);
 and a single-row insert in autocommit.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import statistics
 import time
@@ -126,11 +133,14 @@ def autocommit_insert(conn: Conn, rng: random.Random) -> None:
     conn.execute("INSERT INTO items (v) VALUES (%s)", (1,))
 
 
-def mark_drifted(conn: Conn) -> None:
-    """Write an explicit id to `drifted`, as a seeder would: selfheal protects it from now."""
-    conn.execute("INSERT INTO drifted (id, v) SELECT min(id) - 1, 0 FROM"
-                 " (SELECT coalesce(min(id), 0) AS id FROM drifted) m")
-    conn.commit()
+def mark_drifted(admin: Conn, healing: Conn) -> None:
+    """Drift `drifted` as another client would (a row at the sequence's next value),
+    and let the healing connection collide with it once: the heal retries the
+    insert and keeps the table at risk (`selfheal.insync.RISK_PERIOD`), so its
+    inserts run protected from then on."""
+    admin.execute("INSERT INTO drifted (id, v) SELECT nextval('drifted_id_seq') + 1, 0")
+    healing.execute("INSERT INTO drifted (v) VALUES (0)")
+    healing.commit()
 
 
 SHAPES: dict[str, tuple[Callable[[Conn, random.Random], None], bool]] = {
@@ -140,6 +150,26 @@ SHAPES: dict[str, tuple[Callable[[Conn, random.Random], None], bool]] = {
     "drifted": (inserts("drifted"), False),
     "autocommit": (autocommit_insert, True),
 }
+
+
+def pin(pids: list[int], cpu: int | None) -> str:
+    """Run this process and the server processes `pids` on one CPU (`cpu`; None: leave
+    them to the scheduler), and say what was done.
+
+    On a small shared machine the scheduler decides, connection by connection,
+    whether a client and its server process share a CPU or wake each other
+    across two, and that moves one connection's time by tens of percent for
+    the whole run: more than what is measured. On one CPU every connection
+    runs alike, and a ratio shows the work each side adds.
+    """
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        return "not pinned"
+    try:
+        for pid in (0, *pids):
+            os.sched_setaffinity(pid, {cpu})
+    except OSError as ex:  # a server on another host, or another user's processes
+        return f"not pinned ({ex.strerror})"
+    return f"client and server processes pinned to CPU {cpu}"
 
 
 def next_xid(conn: Conn) -> int:
@@ -157,7 +187,7 @@ def backend_cpu(conn: Conn) -> float | None:
         return None
 
 
-def round_of(name: str, plain: Conn, healing: Conn, txns: int, seed: int
+def round_of(name: str, plain: Conn, healing: Conn, txns: int, seed: int, admin: Conn
              ) -> tuple[list[float], list[float]]:
     """Seconds `txns` transactions of `name` take on each connection, interleaved
     transaction by transaction (so the machine's drifts hit both alike): for
@@ -165,8 +195,7 @@ def round_of(name: str, plain: Conn, healing: Conn, txns: int, seed: int
     is not readable)."""
     run, _ = SHAPES[name]
     if name == "drifted":
-        mark_drifted(plain)
-        mark_drifted(healing)
+        mark_drifted(admin, healing)
     rngs = random.Random(seed), random.Random(seed)
     spent = [[0.0, 0.0], [0.0, 0.0]]
     clock, cpu = time.perf_counter, time.thread_time
@@ -184,7 +213,7 @@ def round_of(name: str, plain: Conn, healing: Conn, txns: int, seed: int
     return spent[0], spent[1]
 
 
-def libpq_floor(dsn: str, rounds: int, txns: int) -> tuple[float, float]:
+def libpq_floor(dsn: str, rounds: int, txns: int, cpu: int | None) -> tuple[float, float]:
     """Median seconds of a 20-insert transaction sent straight through libpq, each
     insert alone and each under SAVEPOINT/RELEASE in one pipeline: what a
     savepoint costs the server and the protocol, without any Python around it."""
@@ -210,6 +239,7 @@ def libpq_floor(dsn: str, rounds: int, txns: int) -> tuple[float, float]:
         pg.exec_(b"COMMIT")
 
     with psycopg.connect(dsn) as a, psycopg.connect(dsn) as b:
+        pin([a.info.backend_pid, b.info.backend_pid], cpu)
         rounds_of: list[list[float]] = [[], []]
         for _ in range(rounds):
             spent = [0.0, 0.0]
@@ -223,10 +253,14 @@ def libpq_floor(dsn: str, rounds: int, txns: int) -> tuple[float, float]:
     return statistics.median(rounds_of[0]), statistics.median(rounds_of[1])
 
 
-def heal_latency(dsn: str, samples: int) -> tuple[float, float]:
-    """Median seconds of a plain insert and of one healed and retried, both in a transaction."""
+def heal_latency(dsn: str, samples: int, cpu: int | None) -> tuple[float, float]:
+    """Median seconds of a protected insert and of one healed and retried, both in a
+    transaction (with ``protect="always"``, as into a table at risk: in a table
+    verified in sync a collision is healed on the side and raised)."""
     plain, healed = [], []
-    with psycopg.connect(dsn, autocommit=True) as admin, HealingConnection.connect(dsn) as hc:
+    always = HealingConnection.with_options(protect="always")
+    with psycopg.connect(dsn, autocommit=True) as admin, always.connect(dsn) as hc:
+        pin([admin.info.backend_pid, hc.info.backend_pid], cpu)
         admin.execute("CREATE TABLE lat (id serial PRIMARY KEY, v int)")
         for i in range(samples):
             hc.execute("SELECT 1")  # the transaction is open: the insert runs inside it
@@ -244,12 +278,24 @@ def heal_latency(dsn: str, samples: int) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(healed)
 
 
+def cpu_of(arg: str) -> int | None:
+    """The CPU `--cpu` names."""
+    if arg == "none":
+        return None
+    if arg == "last":
+        return max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return int(arg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--dsn")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--txns", type=int, default=200)
     parser.add_argument("--driver", choices=("psycopg", "psycopg2"), default="psycopg")
+    parser.add_argument("--cpu", default="last",
+                        help="the CPU to run client and server processes on: a number,"
+                             " 'last' (default) or 'none' (the scheduler's choice)")
     args = parser.parse_args()
     # Heal events are not what is measured here.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -267,12 +313,14 @@ def main() -> None:
                 for autocommit in (False, True):
                     conns[("healing" if healing else "plain", autocommit)] = connect(
                         args.driver, dsn, healing, autocommit)
+            pinned = pin([admin.info.backend_pid,
+                          *(c.info.backend_pid for c in conns.values())], cpu_of(args.cpu))
             times: dict[tuple[str, str], list[list[float]]] = {}
             xids: dict[tuple[str, str], float] = {}
             for r in range(args.rounds + 1):
                 for name, (_, autocommit) in SHAPES.items():
                     plain, healing = conns[("plain", autocommit)], conns[("healing", autocommit)]
-                    spent = round_of(name, plain, healing, args.txns, seed=r)
+                    spent = round_of(name, plain, healing, args.txns, r, admin)
                     if r:  # round 0 warms up the server and selfheal's facts
                         times.setdefault((name, "plain"), []).append(spent[0])
                         times.setdefault((name, "healing"), []).append(spent[1])
@@ -291,7 +339,7 @@ def main() -> None:
             for conn in conns.values():
                 conn.close()
         print(f"{args.driver}: {args.rounds} interleaved rounds of {args.txns} transactions"
-              " per shape; median round")
+              f" per shape; median round; {pinned}")
         print(f"{'shape':<12} {'plain us/txn':>13} {'healing us/txn':>15} {'ratio':>6}"
               f" {'cpu ratio':>10} {'xids/txn plain':>15} {'healing':>8}")
         for name in SHAPES:
@@ -306,15 +354,15 @@ def main() -> None:
               " (steadier than wall time on a shared machine)")
         if args.driver != "psycopg":
             return
-        bare, saved = libpq_floor(dsn, args.rounds, args.txns // 4)
+        bare, saved = libpq_floor(dsn, args.rounds, args.txns // 4, cpu_of(args.cpu))
         print(f"floor, straight through libpq: 20 inserts {bare * 1e6:.0f} us/txn, each under"
               f" a pipelined SAVEPOINT/RELEASE {saved * 1e6:.0f} us/txn ({saved / bare:.2f}x)")
         p, h = (statistics.median(r[0] for r in times[("drifted", side)]) / args.txns
                 for side in ("plain", "healing"))
         print(f"a savepoint costs an insert: {(saved - bare) / 20 * 1e6:.0f} us straight through"
               f" libpq, {(h - p) / 20 * 1e6:.0f} us through selfheal (drifted)")
-        plain_ins, healed_ins = heal_latency(dsn, 50)
-        print(f"insert in a transaction: {plain_ins * 1e6:.0f} us; healed and retried:"
+        plain_ins, healed_ins = heal_latency(dsn, 50, cpu_of(args.cpu))
+        print(f"protected insert in a transaction: {plain_ins * 1e6:.0f} us; healed and retried:"
               f" {healed_ins * 1e6:.0f} us ({healed_ins / plain_ins:.1f}x)")
     finally:
         if server is not None:

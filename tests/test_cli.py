@@ -630,7 +630,7 @@ class TestErrors:
             time.sleep(2)
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130
+        assert proc.returncode == 130, err
         assert one_line_error(err) == "selfheal: interrupted"
 
     def test_help_and_version(self, capsys: pytest.CaptureFixture[str]) -> None:
