@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg._connection_base import BaseConnection
 from psycopg._cursor_base import BaseCursor
 from psycopg._pipeline_base import BasePipeline
 from psycopg.abc import PQGen
@@ -33,10 +34,12 @@ from psycopg.waiting import Wait
 from ._sqltext import shape
 
 __all__ = [
+    "COMMIT",
     "COPY",
     "COPY_END",
     "EXECUTE",
     "EXIT",
+    "ROLLBACK",
     "TX_ENTER",
     "Call",
     "HeldNotices",
@@ -55,6 +58,9 @@ EXECUTE = BaseCursor._execute_gen.__code__
 _MANY_PIPELINE = BaseCursor._executemany_gen_pipeline.__code__
 _MANY_NO_PIPELINE = BaseCursor._executemany_gen_no_pipeline.__code__
 
+#: psycopg's generators of ``commit()`` and ``rollback()``.
+COMMIT = BaseConnection._commit_gen.__code__
+ROLLBACK = BaseConnection._rollback_gen.__code__
 #: psycopg's generator that syncs and leaves a pipeline.
 EXIT = BasePipeline._exit_gen.__code__
 #: psycopg's generator that opens a ``conn.transaction()`` block.

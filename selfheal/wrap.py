@@ -57,6 +57,7 @@ __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
 _EXECUTE = _attempt.EXECUTE
+_COMMIT, _ROLLBACK = _attempt.COMMIT, _attempt.ROLLBACK
 # psycopg's own wait(), called straight: the hot path spares itself super().
 _WAIT = psycopg.Connection.wait
 _AWAIT = psycopg.AsyncConnection.wait
@@ -280,7 +281,8 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
     def wait(self, gen: PQGen[_RV], interval: float = _WAIT_INTERVAL,
              timeout: float | None = None) -> _RV:
         """As `psycopg.Connection.wait`: where selfheal sees every statement run."""
-        if getattr(gen, "gi_code", None) is _EXECUTE and not self._selfheal_busy:
+        code = getattr(gen, "gi_code", None)
+        if code is _EXECUTE and not self._selfheal_busy:
             # The hot path: one execute() that `Planner.quick` lets run as it is.
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
             pgconn = self.pgconn
@@ -301,10 +303,20 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
         elif self._selfheal_busy:
             return _WAIT(self, gen, interval, timeout)
-        return self._selfheal_wait(gen, interval, timeout)
+        elif code is _COMMIT or code is _ROLLBACK:
+            # The transaction ends: nothing to protect (a deferred key may still collide).
+            try:
+                value = _WAIT(self, gen, interval, timeout)
+            except pgerrors.UniqueViolation as ex:
+                self._selfheal_heal_only(ex)
+                raise
+            if self._selfheal_planner.deferred and self._selfheal_idle():
+                self._selfheal_refresh()  # the transaction that wrote them is over
+            return value
+        return self._selfheal_wait(gen, interval, timeout, code)
 
-    def _selfheal_wait(self, gen: PQGen[_RV], interval: float, timeout: float | None) -> _RV:
-        code = getattr(gen, "gi_code", None)
+    def _selfheal_wait(self, gen: PQGen[_RV], interval: float, timeout: float | None,
+                       code: Any) -> _RV:
         call: _attempt.Call | None
         planner = self._selfheal_planner
         wrote: tuple[Write, ...] = ()
@@ -553,7 +565,8 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
     async def wait(self, gen: PQGen[_RV], interval: float = _WAIT_INTERVAL,
              timeout: float | None = None) -> _RV:
         """As `psycopg.AsyncConnection.wait`: where selfheal sees every statement run."""
-        if getattr(gen, "gi_code", None) is _EXECUTE and not self._selfheal_busy:
+        code = getattr(gen, "gi_code", None)
+        if code is _EXECUTE and not self._selfheal_busy:
             # The hot path: one execute() that `Planner.quick` lets run as it is.
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
             pgconn = self.pgconn
@@ -575,11 +588,20 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                         ex, _attempt.execute_call(f), mode)
         elif self._selfheal_busy:
             return await _AWAIT(self, gen, interval, timeout)
-        return await self._selfheal_wait(gen, interval, timeout)
+        elif code is _COMMIT or code is _ROLLBACK:
+            # The transaction ends: nothing to protect (a deferred key may still collide).
+            try:
+                value = await _AWAIT(self, gen, interval, timeout)
+            except pgerrors.UniqueViolation as ex:
+                await self._selfheal_heal_only(ex)
+                raise
+            if self._selfheal_planner.deferred and self._selfheal_idle():
+                await self._selfheal_refresh()  # the transaction that wrote them is over
+            return value
+        return await self._selfheal_wait(gen, interval, timeout, code)
 
-    async def _selfheal_wait(self, gen: PQGen[_RV], interval: float, timeout: float | None
-                             ) -> _RV:
-        code = getattr(gen, "gi_code", None)
+    async def _selfheal_wait(self, gen: PQGen[_RV], interval: float, timeout: float | None,
+                             code: Any) -> _RV:
         call: _attempt.Call | None
         planner = self._selfheal_planner
         wrote: tuple[Write, ...] = ()
