@@ -48,6 +48,7 @@ driver shares.
 from __future__ import annotations
 
 import itertools
+import re
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -620,8 +621,13 @@ def describe_psycopg(ex: BaseException) -> ErrorSeen:
         schema_name=get("schema_name"),
         table_name=get("table_name"),
         constraint_name=get("constraint_name"),
-        text=str(ex),
+        text=_CONNECTION_REPR.sub("<connection>", str(ex)),
     )
+
+
+# psycopg's own errors (a transaction block closed out of order, say) quote the
+# connection's repr: its database and address are the run's, not the outcome.
+_CONNECTION_REPR = re.compile(r"\(user=[^()]*\) at 0x[0-9a-f]+")
 
 
 def final_state(dsn: str) -> FinalState:
