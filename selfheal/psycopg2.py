@@ -85,9 +85,10 @@ class _HealingCursor:
         if conn._selfheal_busy or self.name is not None:
             return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
         planner = conn._selfheal_planner
-        if conn._selfheal_info.transaction_status == _INTRANS and (
-                planner.quick(_INTRANS, False, query,
-                              conn.selfheal_options.protect == "auto") is _PASS
+        status = conn._selfheal_info.transaction_status
+        auto = conn.selfheal_options.protect == "auto"
+        if status == _INTRANS and (
+                planner.quick(_INTRANS, False, query, auto) is _PASS
                 or planner.plan(_INTRANS, False, query, conn, conn.selfheal_options) is _PASS):
             # The hot path: inside a transaction, nothing to protect.
             try:
@@ -98,6 +99,18 @@ class _HealingCursor:
             if planner.explicit:
                 conn._selfheal_explicit(planner.explicit, query)
             return value  # type: ignore[no-any-return]
+        if status == _IDLE:
+            # The other hot path: the statement opens a transaction, or autocommits.
+            mode = planner.quick(_IDLE, not conn._selfheal_implicit(), query, auto)
+            if mode is not None:
+                notices = list(conn.notices)
+                try:
+                    value = self._selfheal_execute(self, query, vars)
+                except psycopg2.errors.UniqueViolation as ex:
+                    return conn._selfheal_failed(ex, self, query, vars, mode, notices)  # type: ignore[no-any-return]
+                if planner.deferred and conn._selfheal_info.transaction_status == _IDLE:
+                    conn._selfheal_refresh()  # the transaction that wrote them is over
+                return value  # type: ignore[no-any-return]
         return conn._selfheal_run(super().execute, query, vars, False)  # type: ignore[misc, no-any-return]
 
     def executemany(self, query: Any, vars_list: Any) -> None:
@@ -269,6 +282,14 @@ class HealingConnection(ext.connection):
             if mode is Mode.AUTOCOMMIT and self._selfheal_info.transaction_status == _INERROR:
                 mode = Mode.OPENED  # `with conn:` opened the transaction
             return self._selfheal_heal(ex, lambda: method(query, params), query, mode, notices)
+
+    def _selfheal_failed(self, ex: Exception, cursor: Any, query: Any, params: Any, mode: Mode,
+                         notices: list[Any]) -> Any:
+        """A statement run as it is (`mode`: AUTOCOMMIT or OPENED) collided: heal it."""
+        if mode is Mode.AUTOCOMMIT and self._selfheal_info.transaction_status == _INERROR:
+            mode = Mode.OPENED  # `with conn:` opened the transaction
+        return self._selfheal_heal(ex, lambda: cursor._selfheal_execute(cursor, query, params),
+                                   query, mode, notices)
 
     def _selfheal_prefixed(self, method: Callable[[Any, Any], Any], query: Any, prefixed: Any,
                            params: Any, notices: list[Any]) -> Any:
