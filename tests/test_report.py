@@ -83,8 +83,13 @@ SEND_LOCALS: dict[str, Any] = (
     else {"data_collection": {"stack_frame_variables": True}}
 )
 
+
 def init_sentry(receiver: Receiver, **options: Any) -> None:
     sentry_sdk.init(dsn=receiver.dsn, default_integrations=False, **options)
+    # Breadcrumbs outlive init() (sentry-sdk 3): earlier tests' must not show.
+    for scope in (sentry_sdk.get_global_scope(), sentry_sdk.get_isolation_scope(),
+                  sentry_sdk.get_current_scope()):
+        scope.clear_breadcrumbs()
 
 
 class TestAuditEvents:
