@@ -626,10 +626,17 @@ class TestErrors:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "selfheal", "check",
                  f"host=127.0.0.1 port={port} user=x dbname=x connect_timeout=30"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(2)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=30)
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                # As from a terminal, even where the suite runs as a background
+                # job (which starts with SIGINT ignored, and passes that on).
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            # Interrupted once it waits for the server, however long it took to start.
+            listener.settimeout(60)
+            client, _ = listener.accept()
+            with client:
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)
+                _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert one_line_error(err) == "selfheal: interrupted"
 
