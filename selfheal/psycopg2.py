@@ -334,8 +334,14 @@ class HealingConnection(ext.connection):
         failed = list(self.notices)
 
         def again() -> Any:
-            value = run()
-            # The caller sees the notices of the attempt that counts only.
+            # The caller sees the notices of the attempt that counts only: the
+            # retry's when it succeeds, else the first's (the error is the first's).
+            try:
+                value = run()
+            except BaseException:
+                if isinstance(self.notices, list):
+                    self.notices[:] = failed
+                raise
             if isinstance(self.notices, list):
                 retried = self.notices[len(failed):]
                 self.notices[:] = notices + retried

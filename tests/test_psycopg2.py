@@ -168,6 +168,24 @@ test_random_scripts, test_harness_plain_against_plain = parity.driver_tests(
     Psycopg2(), adapt=_without_many_returning)
 
 
+def test_failed_retry_keeps_the_first_notices(
+        dbs: tuple[parity.Database, parity.Database],  # noqa: F811
+) -> None:
+    """A protected CALL whose retry fails too leaves the notices of one attempt, as plain
+    psycopg2 (found by the random scripts: the retry's were added to the first's)."""
+    import asyncio
+
+    script = Script((
+        Execute("INSERT INTO ledger (note) VALUES (%s)", ("a",)),
+        Execute("INSERT INTO ledger (note) VALUES (%s), (%s) RETURNING id, note", ("a", "a")),
+        Execute("INSERT INTO ledger (id, note) VALUES (%s, %s)", (7, "a")),
+        Execute("CALL batch()"),
+    ))
+    healed, plain = asyncio.run(parity.run_pair(Psycopg2(), script, *dbs))
+    parity.assert_parity(script, healed, plain)
+    assert healed.heals["4"]  # the CALL collided and was healed: the case at hand
+
+
 # -- heals ----------------------------------------------------------------------------------
 
 
