@@ -58,9 +58,6 @@ _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
 _EXECUTE = _attempt.EXECUTE
 _COMMIT, _ROLLBACK = _attempt.COMMIT, _attempt.ROLLBACK
-# psycopg's own wait(), called straight: the hot path spares itself super().
-_WAIT = psycopg.Connection.wait
-_AWAIT = psycopg.AsyncConnection.wait
 # Whether this libpq has pipelines (a savepoint then travels with the statement;
 # without, it would cost round trips of its own: then only executemany() gets one).
 _PIPELINES = psycopg.Pipeline.is_supported()
@@ -292,21 +289,21 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             ) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
-                    return _WAIT(self, gen, interval, timeout)
+                    return super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     self._selfheal_heal_only(ex)
                     raise
             if mode is not None and not self._notice_handlers:
                 try:
-                    return _WAIT(self, gen, interval, timeout)
+                    return super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
         elif self._selfheal_busy:
-            return _WAIT(self, gen, interval, timeout)
+            return super().wait(gen, interval, timeout)
         elif code is _COMMIT or code is _ROLLBACK:
             # The transaction ends: nothing to protect (a deferred key may still collide).
             try:
-                value = _WAIT(self, gen, interval, timeout)
+                value = super().wait(gen, interval, timeout)
             except pgerrors.UniqueViolation as ex:
                 self._selfheal_heal_only(ex)
                 raise
@@ -335,8 +332,8 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             elif not self._notice_handlers and (mode is _SAVEPOINT or not planner.facts.due):
                 # Nothing to add before the first attempt but its savepoint, if any.
                 try:
-                    value = _WAIT(self, _attempt.savepointed(self, gen) if mode is _SAVEPOINT
-                                  else gen, interval, timeout)
+                    value = super().wait(_attempt.savepointed(self, gen) if mode is _SAVEPOINT
+                                         else gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)
                 if wrote:
@@ -576,22 +573,22 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             ) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
-                    return await _AWAIT(self, gen, interval, timeout)
+                    return await super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     await self._selfheal_heal_only(ex)
                     raise
             if mode is not None and not self._notice_handlers:
                 try:
-                    return await _AWAIT(self, gen, interval, timeout)
+                    return await super().wait(gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_first_failed(
                         ex, _attempt.execute_call(f), mode)
         elif self._selfheal_busy:
-            return await _AWAIT(self, gen, interval, timeout)
+            return await super().wait(gen, interval, timeout)
         elif code is _COMMIT or code is _ROLLBACK:
             # The transaction ends: nothing to protect (a deferred key may still collide).
             try:
-                value = await _AWAIT(self, gen, interval, timeout)
+                value = await super().wait(gen, interval, timeout)
             except pgerrors.UniqueViolation as ex:
                 await self._selfheal_heal_only(ex)
                 raise
@@ -620,7 +617,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             elif not self._notice_handlers and (mode is _SAVEPOINT or not planner.facts.due):
                 # Nothing to add before the first attempt but its savepoint, if any.
                 try:
-                    value = await _AWAIT(self, _attempt.savepointed(self, gen)
+                    value = await super().wait(_attempt.savepointed(self, gen)
                                          if mode is _SAVEPOINT else gen, interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_first_failed(ex, _attempt.execute_call(f), mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -343,6 +344,33 @@ class TestCursors:
             hc.rollback()
             assert hc.execute("SELECT pay()").fetchone() == (13,)
             hc.commit()
+
+
+class TestSubclassing:
+    def test_a_wait_mixin_sees_every_operation(self, conn: psycopg.Connection,
+                                               dsn: str) -> None:
+        """A connection class mixed in after HealingConnection (instrumentation, say) still
+        has its wait() called for every operation, hot path or not: selfheal calls on
+        through super(), never straight into psycopg."""
+        seen: list[str] = []
+
+        class Counting(psycopg.Connection):  # type: ignore[type-arg]
+            def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None
+                     ) -> Any:
+                seen.append(getattr(gen, "gi_code", None).co_name)  # type: ignore[union-attr]
+                return super().wait(gen, interval, timeout)
+
+        class Instrumented(HealingConnection, Counting):  # type: ignore[type-arg, misc]
+            pass
+
+        make_drifted(conn)
+        with Instrumented.connect(dsn) as hc:
+            for _ in range(3):
+                hc.execute("SELECT 1")
+                hc.execute("INSERT INTO payments (note) VALUES ('m')")
+                hc.commit()
+        assert seen.count("_execute_gen") >= 6 and seen.count("_commit_gen") >= 3
+        assert conn.execute("SELECT count(*) FROM payments").fetchone() == (15,)
 
 
 class TestCannotHeal:
