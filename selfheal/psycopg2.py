@@ -107,7 +107,9 @@ class _HealingCursor:
                 try:
                     value = self._selfheal_execute(self, query, vars)
                 except psycopg2.errors.UniqueViolation as ex:
-                    return conn._selfheal_failed(ex, self, query, vars, mode, notices)  # type: ignore[no-any-return]
+                    return conn._selfheal_failed(  # type: ignore[no-any-return]
+                        ex, lambda: self._selfheal_execute(self, query, vars), query, mode,
+                        notices)
                 if planner.deferred and conn._selfheal_info.transaction_status == _IDLE:
                     conn._selfheal_refresh()  # the transaction that wrote them is over
                 return value  # type: ignore[no-any-return]
@@ -279,17 +281,16 @@ class HealingConnection(ext.connection):
         try:
             return method(query, params)
         except psycopg2.errors.UniqueViolation as ex:
-            if mode is Mode.AUTOCOMMIT and self._selfheal_info.transaction_status == _INERROR:
-                mode = Mode.OPENED  # `with conn:` opened the transaction
-            return self._selfheal_heal(ex, lambda: method(query, params), query, mode, notices)
+            return self._selfheal_failed(ex, lambda: method(query, params), query, mode,
+                                         notices)
 
-    def _selfheal_failed(self, ex: Exception, cursor: Any, query: Any, params: Any, mode: Mode,
+    def _selfheal_failed(self, ex: Exception, run: Callable[[], Any], query: Any, mode: Mode,
                          notices: list[Any]) -> Any:
-        """A statement run as it is (`mode`: AUTOCOMMIT or OPENED) collided: heal it."""
+        """The caller's statement (`run` runs it again) collided on its first attempt:
+        heal it, and retry as `mode` allows."""
         if mode is Mode.AUTOCOMMIT and self._selfheal_info.transaction_status == _INERROR:
             mode = Mode.OPENED  # `with conn:` opened the transaction
-        return self._selfheal_heal(ex, lambda: cursor._selfheal_execute(cursor, query, params),
-                                   query, mode, notices)
+        return self._selfheal_heal(ex, run, query, mode, notices)
 
     def _selfheal_prefixed(self, method: Callable[[Any, Any], Any], query: Any, prefixed: Any,
                            params: Any, notices: list[Any]) -> Any:
