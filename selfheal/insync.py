@@ -25,6 +25,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,44 @@ class Facts:
         #: Tables a healing connection wrote keys of its own into (`selfheal.explicit`)
         #: -> (how many statements, the last one's text without values).
         self.explicit_writes: dict[Key, tuple[int, str]] = {}
+        #: Counts the changes that may end a statement's passing (`keep_passing`).
+        self.changes = 0
+        self._watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # -- the connections' passing statements ---------------------------------------
+
+    def watch(self, planner: Any) -> None:
+        """Empty ``planner.passing`` whenever what it holds may no longer hold."""
+        with self._lock:
+            self._watchers.add(planner)
+
+    def keep_passing(self, passing: dict[str, float], query: str, until: float,
+                     changes: int) -> None:
+        """Keep `query` in a watcher's `passing` until `until`, unless the facts
+        changed since `changes` (`Facts.changes`) was read to judge it."""
+        with self._lock:
+            if self.changes == changes:
+                passing[query] = until
+
+    def keep_opening(self, opening: set[str], query: str, changes: int) -> None:
+        """Keep `query` in a watcher's `opening`, unless the facts changed since
+        `changes` was read, or a check is due."""
+        with self._lock:
+            if self.changes == changes and not self.due:
+                opening.add(query)
+
+    def _changed(self) -> None:
+        # Called with the lock held: every passing statement is judged again.
+        self.changes += 1
+        for planner in self._watchers:
+            planner.passing.clear()
+            planner.opening.clear()
+
+    def _due(self) -> None:
+        # Called with the lock held: the next transaction to open runs the check.
+        self.due = True
+        for planner in self._watchers:
+            planner.opening.clear()
 
     # -- the hot path: dictionary lookups -----------------------------------------
 
@@ -163,11 +202,12 @@ class Facts:
             with self._lock:
                 if len(self._wanted_tables) < LIMIT:
                     self._wanted_tables[rel.key] = rel.info
-                    self.due = True
+                    self._due()
 
     def want_triggers(self) -> None:
         """Ask to learn whether the database has triggers or rules."""
-        self.due = True
+        with self._lock:
+            self._due()
 
     # -- what drops facts ---------------------------------------------------------
 
@@ -175,7 +215,8 @@ class Facts:
         """A collision or an explicit-key write on this table: protect it for `period`."""
         key = (schema, table)
         with self._lock:
-            self.verified.pop(key, None)
+            if self.verified.pop(key, None) is not None:
+                self._changed()
             if len(self._risky) >= LIMIT:
                 self._risky.clear()
             self._risky[key] = time.monotonic() + period
@@ -208,6 +249,7 @@ class Facts:
         """A write selfheal cannot read (COPY): no table is known in sync any more."""
         with self._lock:
             self.verified.clear()
+            self._changed()
 
     def schema_changed(self) -> None:
         """DDL was seen: forget what the catalog said, and every verified table."""
@@ -216,6 +258,7 @@ class Facts:
             self.verified.clear()
             self.triggers = None
             self.epoch += 1
+            self._changed()
 
     # -- the check: one round trip, I/O-free ---------------------------------------
 
@@ -291,7 +334,10 @@ class Facts:
                 self._store(names, results[0], results[1], now)
                 i = 2
             if triggers:
-                self.triggers, self._triggers_at = bool(results[i][0][0]), now
+                found = bool(results[i][0][0])
+                if found and self.triggers is not True:
+                    self._changed()
+                self.triggers, self._triggers_at = found, now
                 i += 1
             if tables:
                 for row in results[i]:
@@ -300,6 +346,7 @@ class Facts:
                     if status_of(info, row).in_sync and self._risky.get(key, 0.0) <= now:
                         if len(self.verified) >= LIMIT:
                             self.verified.clear()
+                            self._changed()
                         self.verified[key] = now + verified_for
 
     def _store(self, names: list[str], keyed: list[Any], flags: list[Any], now: float) -> None:
@@ -315,6 +362,7 @@ class Facts:
         for name, rels in found.items():
             self.catalog[name] = (now, tuple(rels))
         self.epoch += 1
+        self._changed()
 
     def _failed(self, names: list[str], tables: list[TableInfo]) -> None:
         # Unknown until the retry: statements stay protected meanwhile.
@@ -323,6 +371,7 @@ class Facts:
             for name in names:
                 self.catalog[name] = (until - CATALOG_PERIOD, ())
             self.epoch += 1
+            self._changed()
             for info in tables:
                 self._risky[(info.schema, info.table)] = until
 
@@ -330,7 +379,7 @@ class Facts:
         with self._lock:
             if len(self._wanted_names) < LIMIT:
                 self._wanted_names.add(name)
-                self.due = True
+                self._due()
 
 
 def _resolve(name: tuple[str, ...], rels: tuple[Relation, ...],

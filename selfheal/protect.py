@@ -22,7 +22,9 @@ on a side connection and the error re-raised, as plain.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +108,13 @@ class Verdict:
     parts: tuple[Verdict, ...] = ()
     #: The INSERTs that may have written keys of their own (`selfheal.explicit`).
     writes: tuple[Write, ...] = ()
+    #: SET, RESET, DISCARD or a call of set_config: the search_path other
+    #: verdicts were judged under may change.
+    session: bool = False
 
+
+#: First keywords of the statements that may change the session's search_path.
+SESSION_CHANGES = frozenset({"SET", "RESET", "DISCARD"})
 
 # Enum members as module constants: the hot path compares them by identity.
 _PASS, _AUTOCOMMIT, _OPENED = Mode.PASS, Mode.AUTOCOMMIT, Mode.OPENED
@@ -117,8 +125,9 @@ _EXPLICIT, _SCHEMA, _MULTI = Kind.EXPLICIT, Kind.SCHEMA, Kind.MULTI
 class Planner:
     """One connection's protection decisions and savepoint count."""
 
-    __slots__ = ("_verdicts", "deferred", "explicit", "facts", "multi_savepoints",
-                 "savepoints", "search_path", "shape", "user")
+    __slots__ = ("__weakref__", "_passing_options", "_passing_path", "_verdicts", "deferred",
+                 "explicit", "facts", "multi_savepoints", "opening", "passing", "savepoints",
+                 "search_path", "shape", "user")
 
     def __init__(self, facts: Facts, user: str,
                  search_path: Callable[[], str | bytes | None],
@@ -141,6 +150,20 @@ class Planner:
         #: statement's text: looked at after the facts' next check (`take_deferred`).
         self.deferred: list[tuple[Write, str]] = []
         self._verdicts: dict[str | bytes, Verdict] = {}
+        #: Query strings that run as they are inside a transaction, until the
+        #: time given (time.monotonic()): `quick`'s answers, kept where a
+        #: driver's hot path decides with one lookup. The facts empty it
+        #: whenever one answer may have changed (`Facts.keep_passing`); so does
+        #: a statement that may change the search_path, and the next
+        #: transaction when the search_path or the options differ.
+        self.passing: dict[str, float] = {}
+        #: Query strings that open a transaction, or autocommit, as they are
+        #: (`Mode.OPENED`, `Mode.AUTOCOMMIT`): `quick`'s answers, emptied as
+        #: `passing` is and whenever a check of the facts is due.
+        self.opening: set[str] = set()
+        self._passing_path: str | bytes | None = None
+        self._passing_options: HealOptions | None = None
+        facts.watch(self)
 
     def plan(self, status: int, autocommit: bool, query: Any, conn: Any,
              options: HealOptions, pipeline: bool = True) -> Mode:
@@ -153,6 +176,8 @@ class Planner:
             if v is None or v.epoch != self.facts.epoch or (
                     v.search_path is not None and v.search_path != self.search_path()):
                 v = self._verdict(query, conn)
+            if v.session:
+                self.passing.clear()
             self.explicit = v.writes
             kind = v.kind
             if kind is _DEFAULT_KEY and options.protect == "auto":
@@ -169,12 +194,16 @@ class Planner:
             return self._in_transaction(v, options, pipeline)
         if status == _IDLE:
             self.savepoints = 0
+            if self.passing:
+                self._opening(options)
             facts = self.facts
             if facts.verified or facts.catalog or options.explicit_ids != "allow":
                 # Explicit keys and DDL seen here still count.
                 v = self._verdicts.get(query) if type(query) is str else None
                 if v is None or v.epoch != facts.epoch:
                     v = self._verdict(query, conn)
+                if v.session:
+                    self.passing.clear()
                 self.explicit = v.writes
                 if v.kind is _EXPLICIT or v.kind is _SCHEMA or v.kind is _MULTI:
                     self._watch(v)
@@ -184,43 +213,73 @@ class Planner:
         self.explicit = ()
         return _PASS
 
-    def quick(self, status: int, autocommit: bool, query: Any, auto: bool) -> Mode | None:
+    def quick(self, status: int, autocommit: bool, query: Any, options: HealOptions
+              ) -> Mode | None:
         """`plan` for the statements a connection runs most, or None: ask `plan`.
 
         A query string judged before, with nothing to watch, that runs as it
         is: inside a transaction (`Mode.PASS`), one that cannot draw from a
         sequence, an UPDATE or DELETE where no trigger or rule could, or a
         default-key INSERT into a table verified in sync for a while yet
-        (`auto`: the ``"auto"`` protection); outside one (`Mode.AUTOCOMMIT`,
+        (with the ``"auto"`` protection); outside one (`Mode.AUTOCOMMIT`,
         `Mode.OPENED`), one that writes no key of its own and changes no
-        schema, while no check of the facts is due. The hot path of every
-        driver: dictionary lookups, no call into the catalog.
+        schema, while no check of the facts is due. Dictionary lookups, no
+        call into the catalog; a `Mode.PASS` is kept in `passing`.
         """
         v = self._verdicts.get(query) if type(query) is str else None
         if v is None or v.writes:
             return None
         facts = self.facts
+        changes = facts.changes
         if v.epoch != facts.epoch or (
                 v.search_path is not None and v.search_path != self.search_path()):
             return None
+        if v.session:
+            self.passing.clear()
         kind = v.kind
         if status == _INTRANS:
             if kind is _DEFAULT_KEY:
-                if not auto:
+                if options.protect != "auto":
                     return None
                 until = facts.verified.get(v.key)  # type: ignore[arg-type]
                 if until is None or until < time.monotonic() + RENEW:
                     return None  # `plan` renews it, or protects
-            elif not (kind is _QUIET or (kind is _TRIGGERED and facts.triggers is False)):
+                until -= RENEW
+            elif kind is _QUIET or (kind is _TRIGGERED and facts.triggers is False):
+                until = math.inf
+            else:
                 return None
             self.explicit = ()
+            if not v.session:
+                self._keep_passing(query, until, changes, options)
             return _PASS
         if status == _IDLE and not facts.due and not (
                 kind is _EXPLICIT or kind is _SCHEMA or kind is _MULTI):
             self.savepoints = 0
             self.explicit = ()
+            if self.passing:
+                self._opening(options)
+            if not v.session:
+                if len(self.opening) >= VERDICTS:
+                    self.opening.clear()
+                facts.keep_opening(self.opening, query, changes)
             return _AUTOCOMMIT if autocommit else _OPENED
         return None
+
+    def _keep_passing(self, query: str, until: float, changes: int, options: HealOptions
+                      ) -> None:
+        passing = self.passing
+        if not passing:
+            self._passing_path, self._passing_options = self.search_path(), options
+        elif len(passing) >= VERDICTS:
+            passing.clear()
+        self.facts.keep_passing(passing, query, until, changes)
+
+    def _opening(self, options: HealOptions) -> None:
+        """A transaction opens: `passing` holds while the search_path and options are
+        those it was filled under."""
+        if options is not self._passing_options or self.search_path() != self._passing_path:
+            self.passing.clear()
 
     def writes(self, explicit: tuple[Write, ...], statement: str | None = None
                ) -> list[Write]:
@@ -340,6 +399,8 @@ class Planner:
                 found.search_path is None or found.search_path == self.search_path()):
             return found
         v = self._judge(self.shape(query, conn))
+        if not v.session and _calls_set_config(query):
+            v = dataclasses.replace(v, session=True)
         if isinstance(query, (str, bytes)):
             if len(self._verdicts) >= VERDICTS:
                 self._verdicts.clear()
@@ -363,6 +424,8 @@ class Planner:
                            parts=parts, writes=tuple(w for p in parts for w in p.writes))
         if keyword in SCHEMA_CHANGES:
             return Verdict(Kind.SCHEMA, epoch)
+        if keyword in SESSION_CHANGES:
+            return Verdict(Kind.QUIET, epoch, session=True)
         if not s.may_draw:
             return Verdict(Kind.QUIET, epoch)
         if keyword in ("UPDATE", "DELETE"):
@@ -389,3 +452,12 @@ class Planner:
         if rel.guarded:
             return Verdict(Kind.UNSURE, epoch, search_path)
         return Verdict(Kind.DEFAULT_KEY, epoch, search_path, rel, rel.key)
+
+
+def _calls_set_config(query: Any) -> bool:
+    """Whether the text of `query` calls set_config (which may set the search_path)."""
+    if isinstance(query, str):
+        return "set_config" in query.lower()
+    if isinstance(query, bytes):
+        return b"set_config" in query.lower()
+    return False

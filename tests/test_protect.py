@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -11,6 +12,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from selfheal import AsyncHealingConnection, HealingConnection, HealOptions, insync, protect
+from selfheal.heal import Mode
 
 from .conftest import seq_next
 
@@ -349,6 +351,106 @@ class TestSchemas:
         assert conn.execute("SELECT count(*) FROM tenant_a.t").fetchone() == (4,)
 
 
+class TestPassing:
+    """What the hot path lets pass with one lookup (`Planner.passing`, `Planner.opening`)
+    follows every change that could make a statement need protection."""
+
+    @pytest.fixture
+    def tenants(self, conn: psycopg.Connection) -> None:
+        for schema in ("tenant_a", "tenant_b"):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("CREATE TABLE {}.t (id serial PRIMARY KEY, note text)").format(
+                sql.Identifier(schema)))
+        # Tenant B's table is behind its sequence; tenant A's is in sync.
+        conn.execute("INSERT INTO tenant_b.t (id, note) SELECT g, 'explicit'"
+                     " FROM generate_series(1, 5) g")
+
+    @pytest.mark.parametrize("switch", [
+        "SET search_path = tenant_b",
+        "SET LOCAL search_path = tenant_b",
+        "SELECT set_config('search_path', 'tenant_b', true)",
+    ])
+    def test_search_path_changed_inside_a_transaction(
+            self, conn: psycopg.Connection, dsn: str, tenants: None, switch: str) -> None:
+        """A statement let through under one search_path is judged again once the
+        transaction changes it: the same text now means the drifted table, which
+        is protected, healed and retried."""
+        with Steady.connect(dsn) as hc:
+            hc.execute("SET search_path = tenant_a")
+            hc.commit()
+            verified(hc)
+            returning = "INSERT INTO t (note) VALUES ('x') RETURNING id"
+            hc.execute(returning)
+            hc.execute(returning)
+            assert returning in hc._selfheal_planner.passing
+            hc.execute(switch)
+            (new_id,), = hc.execute(returning)
+            assert new_id == 6
+            hc.commit()
+        assert conn.execute("SELECT count(*) FROM tenant_b.t").fetchone() == (6,)
+        assert conn.execute("SELECT count(*) FROM tenant_a.t").fetchone() == (6,)
+
+    def test_another_connection_puts_the_table_at_risk(
+            self, conn: psycopg.Connection, dsn: str, table: None) -> None:
+        """An explicit-key write through another healing connection of the process
+        ends what the first one lets pass: its next inserts, in the same
+        transaction, are protected again."""
+        with Steady.connect(dsn) as hc, Steady.connect(dsn, autocommit=True) as other:
+            verified(hc)
+
+            def run() -> None:
+                hc.execute(INSERT)
+                hc.execute(INSERT)
+                start = seq_next(conn, "t_id_seq")
+                other.execute("INSERT INTO t (id, note) VALUES (%s, 'explicit')", (start + 5,))
+                hc.execute(INSERT)
+                hc.execute(INSERT)
+                hc.commit()
+
+            # hc's transaction, other's insert, and one savepoint per insert after it.
+            assert xids_of(conn, run) == 1 + 1 + 2
+
+    def test_checks_keep_running(self, conn: psycopg.Connection, dsn: str,
+                                 table: None) -> None:
+        """Statements served from the lookups still let the facts' check run when it
+        is due: a table stays verified, window after window, with no savepoint."""
+        cls = HealingConnection.with_options(verified_for=0.3)
+        with cls.connect(dsn) as hc:
+            verified(hc)
+
+            def run() -> int:
+                count = 0
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    for _ in range(3):
+                        hc.execute(INSERT)
+                    hc.commit()
+                    count += 1
+                    time.sleep(0.005)
+                return count
+
+            spent = [0]
+            taken = xids_of(conn, lambda: spent.__setitem__(0, run()))
+            # One id per transaction; a savepoint only where a window ran out
+            # mid-transaction (a few at most), never one per insert.
+            assert spent[0] <= taken <= spent[0] + 6
+            assert len(hc._selfheal_planner.facts.verified) == 1
+
+    def test_lookups_stay_bounded(self, conn: psycopg.Connection, dsn: str, table: None,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """At most VERDICTS statements are kept in each lookup."""
+        monkeypatch.setattr(protect, "VERDICTS", 16)
+        with Steady.connect(dsn) as hc:
+            planner = hc._selfheal_planner
+            for i in range(100):
+                for _ in range(2):  # a string is kept from its second run on
+                    hc.execute(f"SELECT {i}")
+                    hc.execute(f"SELECT {i}, 1")
+                    hc.commit()
+                assert len(planner.passing) <= 16 and len(planner.opening) <= 16
+            assert planner.passing and planner.opening
+
+
 class TestOptions:
     def test_protect_must_be_known(self) -> None:
         with pytest.raises(ValueError, match="protect must be one of"):
@@ -411,11 +513,10 @@ class TestQuick:
         quick = protect.Planner.quick
 
         def checked(self: protect.Planner, status: int, autocommit: bool, query: Any,
-                    auto: bool) -> Any:
-            mode = quick(self, status, autocommit, query, auto)
+                    options: HealOptions) -> Any:
+            mode = quick(self, status, autocommit, query, options)
             planned = None
             if mode is not None:
-                options = HealOptions(protect="auto" if auto else "always")
                 planned = self.plan(status, autocommit, query, None, options)
             answers.append((query, mode, planned))
             return mode
@@ -423,10 +524,16 @@ class TestQuick:
         monkeypatch.setattr(protect.Planner, "quick", checked)
         cls = HealingConnection.with_options(protect=protect_mode, verified_for=600.0)
         with cls.connect(dsn, autocommit=autocommit) as hc:
+            planner = hc._selfheal_planner
             for i in range(6):
                 for query in self.SCRIPT:
                     if not (autocommit and "SAVEPOINT" in query):
                         hc.execute(query)
+                    # What the hot path lets pass on its own is what plan() would.
+                    for kept in list(planner.passing):
+                        answers.append((kept, Mode.PASS, planner.plan(
+                            TransactionStatus.INTRANS, autocommit, kept, None,
+                            hc.selfheal_options)))
                 if i == 2:
                     hc.execute(self.DDL)
                 if not autocommit:
