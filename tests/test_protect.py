@@ -382,7 +382,10 @@ class TestPassing:
             returning = "INSERT INTO t (note) VALUES ('x') RETURNING id"
             hc.execute(returning)
             hc.execute(returning)
-            assert returning in hc._selfheal_planner.passing
+            # Let through by the lookup where the server reports the search_path
+            # (PostgreSQL 18); before that a name two schemas have is always protected.
+            reported = hc.info.parameter_status("search_path") is not None
+            assert (returning in hc._selfheal_planner.passing) is reported
             hc.execute(switch)
             (new_id,), = hc.execute(returning)
             assert new_id == 6
@@ -432,8 +435,8 @@ class TestPassing:
             spent = [0]
             taken = xids_of(conn, lambda: spent.__setitem__(0, run()))
             # One id per transaction; a savepoint only where a window ran out
-            # mid-transaction (a few at most), never one per insert.
-            assert spent[0] <= taken <= spent[0] + 6
+            # mid-transaction (a few at most, on a slow machine), never one per insert.
+            assert spent[0] <= taken <= spent[0] + 15 < 4 * spent[0]
             assert len(hc._selfheal_planner.facts.verified) == 1
 
     def test_lookups_stay_bounded(self, conn: psycopg.Connection, dsn: str, table: None,
