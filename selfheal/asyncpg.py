@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -58,11 +57,9 @@ __all__ = ["HealOptions", "HealingConnection", "HealingPreparedStatement"]
 _ops.register(asyncpg.PostgresError)
 
 _IDLE = TransactionStatus.IDLE
-_monotonic = time.monotonic
 _INTRANS = TransactionStatus.INTRANS
 _INERROR = TransactionStatus.INERROR
 _PASS, _HEAL_ONLY, _SAVEPOINT_MODE = Mode.PASS, Mode.HEAL_ONLY, Mode.SAVEPOINT
-_AUTOCOMMIT = Mode.AUTOCOMMIT
 _SAVEPOINT = "SAVEPOINT _selfheal"
 _PREFIX = "SAVEPOINT _selfheal; "
 _Unique = pgexc.UniqueViolationError
@@ -133,18 +130,6 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         mode = None
         planner = self._selfheal_planner
         if not self._selfheal_failed and self._protocol.is_in_transaction():
-            until = planner.passing.get(query) if type(query) is str else None
-            if until is not None and until > _monotonic():
-                # The hot path: a statement known to need nothing inside a transaction.
-                try:
-                    return await _base_execute_args(self, query, args, limit, timeout, **kwargs)
-                except _Unique as ex:
-                    self._selfheal_failure()
-                    await self._selfheal_heal_only(ex, query)
-                    raise
-                except _Error:
-                    self._selfheal_failure()
-                    raise
             options = self.selfheal_options
             mode = planner.quick(_INTRANS, True, query, options)
             if mode is None:
@@ -226,11 +211,7 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         if mode is None:
             status = self._selfheal_status()
             options = self.selfheal_options
-            if status is _IDLE and type(query) is str and query in planner.opening:
-                planner.savepoints, planner.explicit = 0, ()
-                mode = _AUTOCOMMIT
-            else:
-                mode = planner.quick(status, True, query, options)
+            mode = planner.quick(status, True, query, options)
             if mode is None:
                 mode = planner.plan(status, True, query, self, options)
             if status is _IDLE and planner.facts.due:

@@ -224,9 +224,21 @@ class Planner:
         (with the ``"auto"`` protection); outside one (`Mode.AUTOCOMMIT`,
         `Mode.OPENED`), one that writes no key of its own and changes no
         schema, while no check of the facts is due. Dictionary lookups, no
-        call into the catalog; a `Mode.PASS` is kept in `passing`.
+        call into the catalog. An answer is kept (`passing`, `opening`): the
+        string's next run is decided by one lookup.
         """
-        v = self._verdicts.get(query) if type(query) is str else None
+        if type(query) is not str:
+            return None
+        if status == _INTRANS:
+            until = self.passing.get(query)
+            if until is not None and until > time.monotonic():
+                self.explicit = ()
+                return _PASS
+        elif status == _IDLE and query in self.opening:
+            self.savepoints = 0
+            self.explicit = ()
+            return _AUTOCOMMIT if autocommit else _OPENED
+        v = self._verdicts.get(query)
         if v is None or v.writes:
             return None
         facts = self.facts

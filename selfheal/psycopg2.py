@@ -29,7 +29,6 @@ psycopg2's API:
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -50,14 +49,12 @@ __all__ = ["HealingConnection", "HealOptions"]
 _ops.register(psycopg2.Error)
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
-_monotonic = time.monotonic
 _INTRANS = ext.TRANSACTION_STATUS_INTRANS
 _INERROR = ext.TRANSACTION_STATUS_INERROR
 _SAVEPOINT = "SAVEPOINT _selfheal"
 _PREFIX = "SAVEPOINT _selfheal; "
 _PREFIX_BYTES = _PREFIX.encode()
 _PASS = Mode.PASS
-_AUTOCOMMIT, _OPENED = Mode.AUTOCOMMIT, Mode.OPENED
 #: psycopg2's own ``cursor.query``.
 _QUERY: Any = ext.cursor.__dict__["query"]
 
@@ -89,14 +86,6 @@ class _HealingCursor:
             return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
         planner = conn._selfheal_planner
         status = conn._selfheal_info.transaction_status
-        if status == _INTRANS and type(query) is str and (
-                until := planner.passing.get(query)) is not None and until > _monotonic():
-            # The hot path: a statement known to need nothing inside a transaction.
-            try:
-                return self._selfheal_execute(self, query, vars)  # type: ignore[no-any-return]
-            except psycopg2.errors.UniqueViolation as ex:
-                conn._selfheal_heal_only(ex, query)
-                raise
         options = conn.selfheal_options
         if status == _INTRANS and (
                 planner.quick(_INTRANS, False, query, options) is _PASS
@@ -112,11 +101,7 @@ class _HealingCursor:
             return value  # type: ignore[no-any-return]
         if status == _IDLE:
             # The other hot path: the statement opens a transaction, or autocommits.
-            if type(query) is str and query in planner.opening:
-                planner.savepoints, planner.explicit = 0, ()
-                mode: Mode | None = _OPENED if conn._selfheal_implicit() else _AUTOCOMMIT
-            else:
-                mode = planner.quick(_IDLE, not conn._selfheal_implicit(), query, options)
+            mode = planner.quick(_IDLE, not conn._selfheal_implicit(), query, options)
             if mode is not None:
                 notices = list(conn.notices)
                 try:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -57,7 +56,6 @@ __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
 _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
-_AUTOCOMMIT, _OPENED = Mode.AUTOCOMMIT, Mode.OPENED
 _EXECUTE = _attempt.EXECUTE
 _COMMIT, _ROLLBACK = _attempt.COMMIT, _attempt.ROLLBACK
 # Whether this libpq has pipelines (a savepoint then travels with the statement;
@@ -66,7 +64,6 @@ _PIPELINES = psycopg.Pipeline.is_supported()
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
 _RV = Any
-_monotonic = time.monotonic
 _ExplicitOp = tuple[_drive.Operation[list[explicit.Outcome]], str]
 
 
@@ -80,8 +77,6 @@ class _Shell:
     _selfheal_pending: tuple[_attempt.Call, Mode, psycopg.Error | None] | None
     _selfheal_notices: _attempt.HeldNotices | None
     _selfheal_planner: Planner
-    _selfheal_passing: dict[str, float]
-    _selfheal_opening: set[str]
 
     def _selfheal_init(self) -> None:
         self._selfheal_not_healable = NotHealable()
@@ -106,9 +101,6 @@ class _Shell:
             functools.partial(pgconn.parameter_status, b"search_path"),
             _attempt.shape,
         )
-        # What the hot path reads first: statements known to run as they are.
-        self._selfheal_passing = self._selfheal_planner.passing
-        self._selfheal_opening = self._selfheal_planner.opening
 
     def _selfheal_plan_many(self, call: _attempt.Call) -> Mode:
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -290,21 +282,10 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         if code is _EXECUTE and not self._selfheal_busy:
             # The hot path: one execute() that `Planner.quick` lets run as it is.
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
-            query = f["query"]
-            status = self.pgconn.transaction_status
-            mode: Mode | None = None
-            if type(query) is str and self._pipeline is None:
-                # Known answers first: one lookup (`Planner.passing`, `Planner.opening`).
-                if status == _INTRANS:
-                    until = self._selfheal_passing.get(query)
-                    if until is not None and until > _monotonic():
-                        mode = _PASS
-                elif status == _IDLE and query in self._selfheal_opening:
-                    self._selfheal_planner.savepoints, self._selfheal_planner.explicit = 0, ()
-                    mode = _AUTOCOMMIT if self._autocommit else _OPENED
-            if mode is None and self._pipeline is None:
-                mode = self._selfheal_planner.quick(
-                    status, self._autocommit, query, self.selfheal_options)
+            pgconn = self.pgconn
+            mode = self._selfheal_planner.quick(
+                pgconn.transaction_status, self._autocommit, f["query"],
+                self.selfheal_options) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
                     return super().wait(gen, interval, timeout)
@@ -584,21 +565,10 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         if code is _EXECUTE and not self._selfheal_busy:
             # The hot path: one execute() that `Planner.quick` lets run as it is.
             f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
-            query = f["query"]
-            status = self.pgconn.transaction_status
-            mode: Mode | None = None
-            if type(query) is str and self._pipeline is None:
-                # Known answers first: one lookup (`Planner.passing`, `Planner.opening`).
-                if status == _INTRANS:
-                    until = self._selfheal_passing.get(query)
-                    if until is not None and until > _monotonic():
-                        mode = _PASS
-                elif status == _IDLE and query in self._selfheal_opening:
-                    self._selfheal_planner.savepoints, self._selfheal_planner.explicit = 0, ()
-                    mode = _AUTOCOMMIT if self._autocommit else _OPENED
-            if mode is None and self._pipeline is None:
-                mode = self._selfheal_planner.quick(
-                    status, self._autocommit, query, self.selfheal_options)
+            pgconn = self.pgconn
+            mode = self._selfheal_planner.quick(
+                pgconn.transaction_status, self._autocommit, f["query"],
+                self.selfheal_options) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
                     return await super().wait(gen, interval, timeout)

@@ -326,16 +326,21 @@ class TestBounded:
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (100,)
 
 
+def two_tenants(conn: psycopg.Connection, other: str) -> None:
+    """Schemas tenant_a and `other`, each with a table t; `other`'s is behind its
+    sequence (rows 1 to 5 written with explicit ids), tenant_a's is in sync."""
+    for schema in ("tenant_a", other):
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("CREATE TABLE {}.t (id serial PRIMARY KEY, note text)").format(
+            sql.Identifier(schema)))
+    conn.execute(sql.SQL("INSERT INTO {}.t (id, note) SELECT g, 'explicit'"
+                         " FROM generate_series(1, 5) g").format(sql.Identifier(other)))
+
+
 class TestSchemas:
     def test_same_name_in_two_schemas(self, conn: psycopg.Connection, dsn: str) -> None:
         """A table verified in one tenant's schema says nothing of the other's."""
-        for schema in ("tenant_a", "Tenant B"):
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("CREATE TABLE {}.t (id serial PRIMARY KEY, note text)").format(
-                sql.Identifier(schema)))
-        # Tenant B's table is behind its sequence; tenant A's is in sync.
-        conn.execute('INSERT INTO "Tenant B".t (id, note) SELECT g, \'explicit\''
-                     " FROM generate_series(1, 5) g")
+        two_tenants(conn, "Tenant B")
         with Steady.connect(dsn) as hc:
             hc.execute("SET search_path = tenant_a")
             hc.commit()
@@ -357,13 +362,7 @@ class TestPassing:
 
     @pytest.fixture
     def tenants(self, conn: psycopg.Connection) -> None:
-        for schema in ("tenant_a", "tenant_b"):
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("CREATE TABLE {}.t (id serial PRIMARY KEY, note text)").format(
-                sql.Identifier(schema)))
-        # Tenant B's table is behind its sequence; tenant A's is in sync.
-        conn.execute("INSERT INTO tenant_b.t (id, note) SELECT g, 'explicit'"
-                     " FROM generate_series(1, 5) g")
+        two_tenants(conn, "tenant_b")
 
     @pytest.mark.parametrize("switch", [
         "SET search_path = tenant_b",
