@@ -69,6 +69,16 @@ def chaos(dsn: str, stop: threading.Event, interval: float, kill_every: float,
                     stats["chaos_backends_killed"] += 1
 
 
+class _Counting(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith("psycopg.pool"):
+            self.messages[str(record.msg)] += 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--dsn")
@@ -78,6 +88,10 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=3.0)
     args = parser.parse_args()
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # killed backends are expected
+    # What the driver itself warns about (the pool aside): a terminated backend
+    # gives plain psycopg nothing to warn about, so neither may selfheal.
+    driver_warnings = _Counting()
+    logging.getLogger("psycopg").addHandler(driver_warnings)
     structlog.configure(processors=[count_events],
                         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
     dsn = args.dsn
@@ -168,6 +182,8 @@ def main() -> None:
         print(f"  latency p50 / p99      {statistics.median(lat) * 1000:.2f} ms /"
               f" {lat[int(len(lat) * 0.99) - 1] * 1000:.2f} ms")
     print(f"  chaos                  {dict(chaos_stats)}")
+    print(f"  driver warnings        {sum(driver_warnings.messages.values())}"
+          f"  {dict(driver_warnings.messages)}")
 
 
 if __name__ == "__main__":

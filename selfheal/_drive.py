@@ -53,6 +53,13 @@ def conninfo_of(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) ->
     return psycopg.conninfo.make_conninfo("", **params)
 
 
+# _LOST: a batch that fails while it queues (its connection lost, mostly:
+# the server's FATAL message arrives before libpq marks the connection bad)
+# leaves its pipeline block without the error, then raises it. Left with the
+# error, psycopg would log that it could not close the pipeline, a warning
+# that plain psycopg, which has no pipeline there, never logs.
+
+
 def _fetch(cur: psycopg.Cursor[TupleRow]) -> Rows:
     return cur.fetchall() if cur.pgresult is not None and cur.description else []
 
@@ -126,13 +133,23 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
         if _opens_alone(conn, req):
             return [_serve(conn, req.queries[0]), *_serve(conn, Batch(req.queries[1:]))]
         curs = [psycopg.Cursor(conn, row_factory=tuple_row) for _ in req.queries]
-        with conn.pipeline():
-            for cur, q in zip(curs, req.queries, strict=True):
-                if isinstance(q, Command):
-                    with conn.lock:
-                        conn.wait(conn._exec_command(q.command))
-                else:
-                    cur.execute(q.query, q.params, prepare=False)
+        lost: psycopg.Error | None = None
+        try:
+            with conn.pipeline():
+                try:
+                    for cur, q in zip(curs, req.queries, strict=True):
+                        if isinstance(q, Command):
+                            with conn.lock:
+                                conn.wait(conn._exec_command(q.command))
+                        else:
+                            cur.execute(q.query, q.params, prepare=False)
+                except psycopg.Error as err:
+                    lost = err  # see _LOST
+        except psycopg.Error:
+            if lost is None:
+                raise
+        if lost is not None:
+            raise lost
         return [[] if isinstance(q, Command) else _fetch(cur)
                 for cur, q in zip(curs, req.queries, strict=True)]
     with psycopg.Connection.connect(
@@ -221,13 +238,23 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
             return [await _aserve(aconn, req.queries[0]),
                     *await _aserve(aconn, Batch(req.queries[1:]))]
         curs = [psycopg.AsyncCursor(aconn, row_factory=tuple_row) for _ in req.queries]
-        async with aconn.pipeline():
-            for cur, q in zip(curs, req.queries, strict=True):
-                if isinstance(q, Command):
-                    async with aconn.lock:
-                        await aconn.wait(aconn._exec_command(q.command))
-                else:
-                    await cur.execute(q.query, q.params, prepare=False)
+        lost: psycopg.Error | None = None
+        try:
+            async with aconn.pipeline():
+                try:
+                    for cur, q in zip(curs, req.queries, strict=True):
+                        if isinstance(q, Command):
+                            async with aconn.lock:
+                                await aconn.wait(aconn._exec_command(q.command))
+                        else:
+                            await cur.execute(q.query, q.params, prepare=False)
+                except psycopg.Error as err:
+                    lost = err  # see _LOST
+        except psycopg.Error:
+            if lost is None:
+                raise
+        if lost is not None:
+            raise lost
         return [[] if isinstance(q, Command) else await _afetch(cur)
                 for cur, q in zip(curs, req.queries, strict=True)]
     async with await psycopg.AsyncConnection.connect(

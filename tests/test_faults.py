@@ -6,9 +6,11 @@ a sequence backwards and never hangs (pytest-timeout turns a hang into a failure
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,7 +18,7 @@ from psycopg import errors as pgerrors
 from structlog.testing import capture_logs
 
 import selfheal
-from selfheal import HealingConnection
+from selfheal import AsyncHealingConnection, HealingConnection, _drive
 
 from . import pgctl
 from .conftest import lock_key, seq_next
@@ -66,6 +68,44 @@ class TestKilledBackends:
         with HealingConnection.connect(dsn, autocommit=True) as hc:
             row = hc.execute("INSERT INTO payments (note) VALUES ('later') RETURNING id")
             assert row.fetchone() == (31,)
+
+    @pytest.mark.parametrize("kind", ["sync", "async"])
+    async def test_killed_between_heal_steps(self, conn: psycopg.Connection, dsn: str,
+                                             kind: str, caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        """The backend is terminated after the heal's lookup, before its pipelined batch:
+        the caller gets the collision, as plain psycopg raises it, the connection is
+        broken, and nothing is logged that plain psycopg would not log."""
+        make_drifted(conn, 10)
+        terminated: list[int] = []
+
+        def terminate_first(c: Any, batch: Any) -> bool:
+            # Once, before the heal's batch is queued: as if an operator had
+            # terminated the backend between two of the heal's round trips.
+            if not terminated and "pg_advisory_xact_lock" in repr(batch):
+                terminated.append(c.info.backend_pid)
+                conn.execute("SELECT pg_terminate_backend(%s, 10000)", (terminated[0],))
+            return opens_alone(c, batch)
+
+        opens_alone = _drive._opens_alone
+        monkeypatch.setattr(_drive, "_opens_alone", terminate_first)
+        caplog.set_level(logging.DEBUG, logger="psycopg")
+        if kind == "sync":
+            with HealingConnection.connect(dsn, autocommit=True) as hc:
+                with pytest.raises(psycopg.Error) as info:
+                    hc.execute("INSERT INTO payments (note) VALUES ('x')")
+                broken = hc.broken
+        else:
+            async with await AsyncHealingConnection.connect(dsn, autocommit=True) as ahc:
+                with pytest.raises(psycopg.Error) as info:
+                    await ahc.execute("INSERT INTO payments (note) VALUES ('x')")
+                broken = ahc.broken
+        assert terminated
+        assert type(info.value) is pgerrors.UniqueViolation
+        assert broken
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")
+                and r.levelno >= logging.WARNING] == []
+        assert conn.execute("SELECT count(*) FROM payments").fetchone() == (10,)
 
     def test_app_killed_mid_retry(self, conn: psycopg.Connection, dsn: str) -> None:
         """The connection dies during the retry: an error, no row written twice."""
