@@ -55,6 +55,9 @@ from .protect import Planner, Write
 __all__ = ["HealOptions", "HealingConnection", "HealingPreparedStatement"]
 
 _ops.register(asyncpg.PostgresError)
+# Raised client-side, e.g. "connection is closed": psycopg and psycopg2 raise
+# their own base error class there, which the operations handle alike.
+_ops.register(asyncpg.InterfaceError)
 
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
@@ -216,7 +219,10 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
                 mode = planner.plan(status, True, query, self, options)
             if status is _IDLE and planner.facts.due:
                 # What the statement asked to know (or earlier ones) is read first.
-                await self._selfheal_refresh()
+                lost = await self._selfheal_refresh()
+                if lost is not None:
+                    # The statement would have met that error first, with plain asyncpg.
+                    raise lost
                 mode = planner.plan(status, True, query, self, self.selfheal_options)
         wrote = planner.explicit
         if mode is _PASS or mode is _HEAL_ONLY:
@@ -395,14 +401,19 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
                 writes, f"COPY {schema + '.' if schema else ''}{table}{listed} FROM STDIN")
         return value
 
-    async def _selfheal_refresh(self) -> None:
+    async def _selfheal_refresh(self) -> BaseException | None:
+        """Run the facts' check; return the error it met if it lost the connection."""
         planner = self._selfheal_planner
-        await self._selfheal_drive(planner.facts.refresh(self.selfheal_options.verified_for))
+        err: BaseException | None = await self._selfheal_drive(
+            planner.facts.refresh(self.selfheal_options.verified_for))
+        if err is not None and self.is_closed():
+            return err
         if planner.deferred and self.selfheal_options.explicit_ids != "allow":
             # Writes into tables the check has just told about.
             for writes, statement in planner.take_deferred():
                 await self._selfheal_settle(
                     explicit.settle(writes, "autocommit", self.selfheal_options), statement)
+        return None
 
     async def _selfheal_explicit(self, wrote: tuple[Write, ...], query: str) -> None:
         """After a statement that wrote keys of its own: look, advance (`selfheal.explicit`)."""

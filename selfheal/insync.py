@@ -263,16 +263,19 @@ class Facts:
     # -- the check: one round trip, I/O-free ---------------------------------------
 
     def refresh(self, verified_for: float,
-                clock: Callable[[], float] = time.monotonic) -> Operation[None]:
+                clock: Callable[[], float] = time.monotonic
+                ) -> Operation[BaseException | None]:
         """Read what statements asked for, on a connection idle outside any transaction.
 
         Never raises a database error: a check that fails leaves the tables
-        protected and is tried again after `RETRY_PERIOD`.
+        protected and is tried again after `RETRY_PERIOD`, and returns the
+        error it met (None otherwise), for the driver shell to tell a lost
+        connection: the caller's next statement would have met that error.
         """
         now = clock()
         with self._lock:
             if self._refreshing or not self.due:
-                return
+                return None
             self._refreshing, self.due = True, False
             # Names read long ago are read again with whatever was asked for.
             stale = [name for name, (at, _) in self.catalog.items()
@@ -291,7 +294,7 @@ class Facts:
             if tables:
                 queries.append(status_query(tables))
             if len(queries) == len(_OPEN):
-                return
+                return None
             try:
                 yield _BEGIN
                 # Tables of names learned now are checked in the same
@@ -305,13 +308,14 @@ class Facts:
                         self._learn([rows], [], more, False, verified_for, clock())
                     else:
                         yield _CLOSE
-            except _ops.ERRORS:
+            except _ops.ERRORS as err:
                 with contextlib.suppress(*_ops.ERRORS):
                     yield _CLOSE
                 self._failed(names, tables)
-                return
+                return err
         finally:
             self._refreshing = False
+        return None
 
     def _unchecked(self, names: list[str], checked: list[TableInfo]) -> list[TableInfo]:
         """The tables called one of `names` that could be checked, up to `CHECK_LIMIT`."""

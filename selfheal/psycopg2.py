@@ -227,6 +227,16 @@ class HealingConnection(ext.connection):
 
     # -- running the caller's statement -------------------------------------------
 
+    def _selfheal_lost(self, method: Callable[[Any, Any], Any], query: Any, params: Any,
+                       lost: BaseException) -> Any:
+        """The check before a statement lost the connection, and met the error the
+        statement would have met first with plain psycopg2: the statement still runs (its
+        cursor notes it as plain psycopg2's does) and fails with that error."""
+        try:
+            return method(query, params)
+        except psycopg2.InterfaceError:
+            raise lost from None
+
     def _selfheal_implicit(self) -> bool:
         """Whether psycopg2 opens a transaction before the next statement itself.
 
@@ -247,7 +257,9 @@ class HealingConnection(ext.connection):
             mode = planner.plan(status, autocommit, query, self, options)
             if planner.facts.due:
                 # What the statement asked to know (or earlier ones) is read first.
-                self._selfheal_refresh()
+                lost = self._selfheal_refresh()
+                if lost is not None:
+                    return self._selfheal_lost(method, query, params, lost)
                 mode = planner.plan(status, autocommit, query, self, options)
             if many and autocommit:
                 # In autocommit executemany() commits row by row: rows before
@@ -365,15 +377,20 @@ class HealingConnection(ext.connection):
         except psycopg2.Error:
             return  # the flow re-raises `ex`; the caller raises it itself
 
-    def _selfheal_refresh(self) -> None:
+    def _selfheal_refresh(self) -> BaseException | None:
+        """Run the facts' check; return the error it met if it lost the connection."""
         planner = self._selfheal_planner
-        self._selfheal_drive(planner.facts.refresh(self.selfheal_options.verified_for))
+        err: BaseException | None = self._selfheal_drive(
+            planner.facts.refresh(self.selfheal_options.verified_for))
+        if err is not None and self.closed:
+            return err
         if planner.deferred and self.selfheal_options.explicit_ids != "allow":
             # Writes into tables the check has just told about.
             where = "idle" if self._selfheal_implicit() else "autocommit"
             for writes, statement in planner.take_deferred():
                 self._selfheal_settle(
                     explicit.settle(writes, where, self.selfheal_options), statement)
+        return None
 
     def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any) -> None:
         """After a statement that wrote keys of its own: look, advance (`selfheal.explicit`)."""

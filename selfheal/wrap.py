@@ -181,7 +181,7 @@ class _Shell:
             and self.pgconn.pipeline_status == _OFF  # type: ignore[attr-defined]
         )
 
-    def _selfheal_refresh_op(self) -> _drive.Operation[None]:
+    def _selfheal_refresh_op(self) -> _drive.Operation[BaseException | None]:
         return self._selfheal_planner.facts.refresh(self.selfheal_options.verified_for)
 
     def _selfheal_explicit_ops(self, wrote: tuple[Write, ...], query: Any,
@@ -346,7 +346,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             call = _attempt.call_of(gen, code)
             if call is None:
                 if self._selfheal_other(code, gen):
-                    self._selfheal_refresh()
+                    lost = self._selfheal_refresh()
+                    if lost is not None:
+                        return self._selfheal_lost(gen, lost, interval, timeout)
                 elif code is _attempt.COPY_END and self._selfheal_copy is not None:
                     # A COPY FROM into a table with a sequence-backed key ends.
                     wrote, copied = self._selfheal_copy
@@ -377,7 +379,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 self._selfheal_refresh()  # the transaction that wrote them is over
             return value
         if self._selfheal_refresh_due(mode):
-            self._selfheal_refresh()
+            lost = self._selfheal_refresh()
+            if lost is not None:
+                return self._selfheal_lost(gen, lost, interval, timeout)
         self._selfheal_busy = True
         self._selfheal_hold_notices()
         succeeded = False
@@ -411,13 +415,27 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         finally:
             self._selfheal_busy = False
 
-    def _selfheal_refresh(self) -> None:
+    def _selfheal_refresh(self) -> BaseException | None:
+        """Run the facts' check; return the error it met if it lost the connection."""
         busy, self._selfheal_busy = self._selfheal_busy, True
         try:
-            _drive.run(self, self._selfheal_refresh_op())
+            err = _drive.run(self, self._selfheal_refresh_op())
         finally:
             self._selfheal_busy = busy
+        if err is not None and self.closed:
+            return err
         self._selfheal_settle(self._selfheal_deferred_ops())
+        return None
+
+    def _selfheal_lost(self, gen: PQGen[_RV], lost: BaseException, interval: float,
+                       timeout: float | None) -> _RV:
+        """The check before a statement lost the connection, and met the error the
+        statement would have met first with plain psycopg: the statement still runs (its
+        cursor is reset as plain psycopg resets it) and fails with that error."""
+        try:
+            return super().wait(gen, interval, timeout)
+        except psycopg.OperationalError:
+            raise lost from None
 
     def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any,
                            in_pipeline: bool = False) -> None:
@@ -630,7 +648,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             call = _attempt.call_of(gen, code)
             if call is None:
                 if self._selfheal_other(code, gen):
-                    await self._selfheal_refresh()
+                    lost = await self._selfheal_refresh()
+                    if lost is not None:
+                        return await self._selfheal_lost(gen, lost, interval, timeout)
                 elif code is _attempt.COPY_END and self._selfheal_copy is not None:
                     # A COPY FROM into a table with a sequence-backed key ends.
                     wrote, copied = self._selfheal_copy
@@ -661,7 +681,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 await self._selfheal_refresh()  # the transaction that wrote them is over
             return value
         if self._selfheal_refresh_due(mode):
-            await self._selfheal_refresh()
+            lost = await self._selfheal_refresh()
+            if lost is not None:
+                return await self._selfheal_lost(gen, lost, interval, timeout)
         self._selfheal_busy = True
         self._selfheal_hold_notices()
         succeeded = False
@@ -695,13 +717,23 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         finally:
             self._selfheal_busy = False
 
-    async def _selfheal_refresh(self) -> None:
+    async def _selfheal_refresh(self) -> BaseException | None:
         busy, self._selfheal_busy = self._selfheal_busy, True
         try:
-            await _drive.arun(self, self._selfheal_refresh_op())
+            err = await _drive.arun(self, self._selfheal_refresh_op())
         finally:
             self._selfheal_busy = busy
+        if err is not None and self.closed:
+            return err
         await self._selfheal_settle(self._selfheal_deferred_ops())
+        return None
+
+    async def _selfheal_lost(self, gen: PQGen[_RV], lost: BaseException, interval: float,
+                             timeout: float | None) -> _RV:
+        try:
+            return await super().wait(gen, interval, timeout)
+        except psycopg.OperationalError:
+            raise lost from None
 
     async def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any,
                                  in_pipeline: bool = False) -> None:

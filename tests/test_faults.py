@@ -107,6 +107,24 @@ class TestKilledBackends:
                 and r.levelno >= logging.WARNING] == []
         assert conn.execute("SELECT count(*) FROM payments").fetchone() == (10,)
 
+    @pytest.mark.parametrize("table", ["new", "known", "drifted"])
+    @pytest.mark.parametrize("driver", ["psycopg", "psycopg-async", "psycopg2", "asyncpg"])
+    async def test_killed_while_idle(self, conn: psycopg.Connection, dsn: str, driver: str,
+                                     table: str) -> None:
+        """The backend is terminated while the connection is idle; the next insert fails
+        as it does through the plain driver: same error, same message, connection closed.
+        On a new connection selfheal's check of the table runs first, and meets the loss."""
+        seen = []
+        for healing in (False, True):
+            conn.execute("DROP TABLE IF EXISTS k")
+            conn.execute("CREATE TABLE k (id serial PRIMARY KEY, note text)")
+            if table == "drifted":
+                conn.execute("INSERT INTO k (id) SELECT generate_series(1, 5)")
+            seen.append(await _insert_after_kill(conn, dsn, driver, healing, table == "known"))
+        assert seen[0] == seen[1]
+        assert seen[0][0] in ("AdminShutdown", "OperationalError", "ConnectionDoesNotExistError")
+        assert conn.execute("SELECT count(*) FROM k WHERE note = 'x'").fetchone() == (0,)
+
     def test_app_killed_mid_retry(self, conn: psycopg.Connection, dsn: str) -> None:
         """The connection dies during the retry: an error, no row written twice."""
         make_drifted(conn, 10)
@@ -405,3 +423,68 @@ class TestRestart:
         assert all(notes.get(m) == 1 for m in done), "a reported insert is missing or doubled"
         assert all(notes.get(m, 0) <= 1 for m in failed)
         assert len(done) > 100
+
+
+def _kill(conn: psycopg.Connection, pid: int) -> None:
+    conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+
+
+async def _insert_after_kill(conn: psycopg.Connection, dsn: str, driver: str, healing: bool,
+                             known: bool) -> tuple[str, str, bool]:
+    """Open a connection, terminate its backend, insert: (error class, message, closed)."""
+    insert = "INSERT INTO k (note) VALUES ('x') RETURNING id"
+    try:
+        if driver in ("psycopg", "psycopg-async"):
+            if driver == "psycopg":
+                c = (HealingConnection if healing else psycopg.Connection).connect(
+                    dsn, autocommit=True)
+                if known:
+                    c.execute("INSERT INTO k (note) VALUES ('a')")
+                _kill(conn, c.info.backend_pid)
+                with c, pytest.raises(psycopg.Error) as info:
+                    c.execute(insert)
+            else:
+                ac = await (AsyncHealingConnection if healing else psycopg.AsyncConnection
+                            ).connect(dsn, autocommit=True)
+                if known:
+                    await ac.execute("INSERT INTO k (note) VALUES ('a')")
+                _kill(conn, ac.info.backend_pid)
+                async with ac:
+                    with pytest.raises(psycopg.Error) as info:
+                        await ac.execute(insert)
+                c = ac  # type: ignore[assignment]
+            return type(info.value).__name__, str(info.value), c.closed
+        if driver == "psycopg2":
+            import psycopg2
+
+            from selfheal.psycopg2 import HealingConnection as Healing2
+
+            c2 = psycopg2.connect(dsn, connection_factory=Healing2 if healing else None)
+            c2.autocommit = True
+            cur = c2.cursor()
+            if known:
+                cur.execute("INSERT INTO k (note) VALUES ('a')")
+            _kill(conn, c2.info.backend_pid)
+            with pytest.raises(psycopg2.Error) as info2:
+                cur.execute(insert)
+            closed = bool(c2.closed)
+            c2.close()
+            return type(info2.value).__name__, str(info2.value), closed
+        import asyncpg
+
+        from selfheal.asyncpg import HealingConnection as HealingA
+
+        from .test_asyncpg import connect_args
+
+        a = await asyncpg.connect(**connect_args(dsn), connection_class=HealingA if healing
+                                  else asyncpg.Connection)
+        if known:
+            await a.execute("INSERT INTO k (note) VALUES ('a')")
+        _kill(conn, a.get_server_pid())
+        with pytest.raises(asyncpg.PostgresError) as info3:
+            await a.fetchval(insert)
+        closed = a.is_closed()
+        await a.close()
+        return type(info3.value).__name__, str(info3.value), closed
+    finally:
+        conn.execute("DELETE FROM k WHERE note = 'a'")
