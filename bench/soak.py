@@ -1,20 +1,27 @@
 """
-Soak: many writers through a healing pool while chaos keeps breaking things.
+Soak: many writers through healing connections while chaos keeps breaking things.
 
-    python bench/soak.py [--dsn DSN] [--writers 32] [--duration 120]
+    python bench/soak.py [--dsn DSN] [--driver psycopg|psycopg2|asyncpg]
+                         [--transaction] [--writers 32] [--duration 120]
 
-N writers insert rows with a unique marker through a psycopg_pool of
-HealingConnection. A chaos thread keeps moving the sequence backwards,
-inserts rows with explicit ids ahead of it, and now and then terminates a
-writer's backend. At the end every marker is counted: a marker whose insert
-reported success must be in the table exactly once (else "lost"), and no
-marker may be there twice ("duplicates"). Not part of `make test`.
+N writers insert rows with a unique marker through healing connections:
+a psycopg_pool of `selfheal.HealingConnection` (the default), a
+`psycopg2.pool.ThreadedConnectionPool` of `selfheal.psycopg2.HealingConnection`,
+or an asyncpg pool of `selfheal.asyncpg.HealingConnection`. Each writes one
+autocommit insert at a time, or with --transaction a transaction of a SELECT
+and two inserts (so both run inside it, under selfheal's protection). A chaos
+thread keeps moving the sequence backwards, inserts rows with explicit ids
+ahead of it, and now and then terminates a writer's backend. At the end every
+marker is counted: a marker whose insert reported success must be in the
+table exactly once (else "lost"), and no marker may be there twice
+("duplicates"). Not part of `make test`.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import random
 import statistics
@@ -79,9 +86,176 @@ class _Counting(logging.Handler):
             self.messages[str(record.msg)] += 1
 
 
+class Tally:
+    """What the writers saw: the id each marker got, and each failure."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempted = 0
+        self.succeeded: dict[str, int] = {}
+        self.failed: collections.Counter[str] = collections.Counter()
+        self.failed_markers: list[str] = []
+        self.latencies: list[float] = []
+
+    def done(self, landed: dict[str, int], started: float) -> None:
+        elapsed = time.perf_counter() - started
+        with self.lock:
+            self.attempted += 1
+            self.succeeded.update(landed)
+            self.latencies.append(elapsed)
+
+    def fail(self, ex: BaseException, markers: list[str], landed: dict[str, int],
+             transaction: bool) -> None:
+        """An attempt that raised: in autocommit, the rows written before it stay."""
+        with self.lock:
+            self.attempted += 1
+            self.failed[type(ex).__name__] += 1
+            if not transaction:
+                self.succeeded.update(landed)
+            self.failed_markers.extend(m for m in markers if transaction or m not in landed)
+
+
+def _markers(i: int, n: int, transaction: bool) -> list[str]:
+    return [f"w{i}-{n}", f"w{i}-{n}b"] if transaction else [f"w{i}-{n}"]
+
+
+INSERT = "INSERT INTO soak (marker) VALUES (%s) RETURNING id"
+
+
+def psycopg_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
+                    tally: Tally) -> None:
+    with ConnectionPool(dsn, connection_class=HealingConnection, min_size=args.writers,
+                        max_size=args.writers, check=ConnectionPool.check_connection,
+                        kwargs={"autocommit": not args.transaction,
+                                "application_name": "soak-writer"}) as pool:
+
+        def writer(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                markers = _markers(i, n, args.transaction)
+                n += 1
+                started = time.perf_counter()
+                landed: dict[str, int] = {}
+                try:
+                    with pool.connection(timeout=30) as pc:  # commits, or rolls back
+                        if args.transaction:
+                            pc.execute("SELECT 1")
+                        for m in markers:
+                            row = pc.execute(INSERT, (m,)).fetchone()
+                            landed[m] = row[0] if row else -1
+                    tally.done(landed, started)
+                except psycopg.Error as ex:
+                    tally.fail(ex, markers, landed, args.transaction)
+
+        _run_threads(writer, args.writers)
+
+
+def psycopg2_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
+                     tally: Tally) -> None:
+    import psycopg2
+    import psycopg2.pool
+
+    from selfheal.psycopg2 import HealingConnection as Healing2
+
+    pool = psycopg2.pool.ThreadedConnectionPool(
+        args.writers, args.writers, dsn, connection_factory=Healing2,
+        application_name="soak-writer")
+
+    def writer(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            markers = _markers(i, n, args.transaction)
+            n += 1
+            started = time.perf_counter()
+            landed: dict[str, int] = {}
+            conn = pool.getconn()
+            conn.autocommit = not args.transaction
+            try:
+                with conn.cursor() as cur:
+                    if args.transaction:
+                        cur.execute("SELECT 1")
+                    for m in markers:
+                        cur.execute(INSERT, (m,))
+                        landed[m] = cur.fetchone()[0]
+                if args.transaction:
+                    conn.commit()
+                tally.done(landed, started)
+            except psycopg2.Error as ex:
+                tally.fail(ex, markers, landed, args.transaction)
+                if not conn.closed:
+                    with contextlib.suppress(psycopg2.Error):
+                        conn.rollback()
+            finally:
+                pool.putconn(conn, close=bool(conn.closed))
+
+    try:
+        _run_threads(writer, args.writers)
+    finally:
+        pool.closeall()
+
+
+def asyncpg_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
+                    tally: Tally) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from selfheal.asyncpg import HealingConnection as HealingA
+
+    failures = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError)
+    insert = "INSERT INTO soak (marker) VALUES ($1) RETURNING id"
+
+    async def main() -> None:
+        pool = await asyncpg.create_pool(
+            dsn, connection_class=HealingA, min_size=args.writers, max_size=args.writers,
+            server_settings={"application_name": "soak-writer"})
+
+        async def writer(i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                markers = _markers(i, n, args.transaction)
+                n += 1
+                started = time.perf_counter()
+                landed: dict[str, int] = {}
+                try:
+                    async with pool.acquire() as conn:
+                        if args.transaction:
+                            async with conn.transaction():
+                                await conn.fetchval("SELECT 1")
+                                for m in markers:
+                                    landed[m] = await conn.fetchval(insert, m)
+                        else:
+                            for m in markers:
+                                landed[m] = await conn.fetchval(insert, m)
+                    tally.done(landed, started)
+                except failures as ex:
+                    tally.fail(ex, markers, landed, args.transaction)
+
+        await asyncio.gather(*(writer(i) for i in range(args.writers)))
+        await pool.close()
+
+    asyncio.run(main())
+
+
+def _run_threads(writer: Any, count: int) -> None:
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+WRITERS = {"psycopg": psycopg_writers, "psycopg2": psycopg2_writers,
+           "asyncpg": asyncpg_writers}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--dsn")
+    parser.add_argument("--driver", choices=sorted(WRITERS), default="psycopg")
+    parser.add_argument("--transaction", action="store_true",
+                        help="two inserts per transaction, instead of one in autocommit")
     parser.add_argument("--writers", type=int, default=32)
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--chaos-interval", type=float, default=0.2)
@@ -104,51 +278,19 @@ def main() -> None:
         c.execute("CREATE TABLE soak (id bigserial PRIMARY KEY, marker text NOT NULL)")
 
     stop = threading.Event()
-    lock = threading.Lock()
-    succeeded: dict[str, int] = {}
-    failed: collections.Counter[str] = collections.Counter()
-    failed_markers: list[str] = []
-    latencies: list[float] = []
+    tally = Tally()
     chaos_stats: collections.Counter[str] = collections.Counter()
-    attempted = 0
-
-    with ConnectionPool(dsn, connection_class=HealingConnection, min_size=args.writers,
-                        max_size=args.writers, check=ConnectionPool.check_connection,
-                        kwargs={"autocommit": True, "application_name": "soak-writer"}) as pool:
-
-        def writer(i: int) -> None:
-            nonlocal attempted
-            n = 0
-            while not stop.is_set():
-                marker = f"w{i}-{n}"
-                n += 1
-                started = time.perf_counter()
-                try:
-                    with pool.connection(timeout=30) as pc:
-                        row = pc.execute("INSERT INTO soak (marker) VALUES (%s) RETURNING id",
-                                         (marker,)).fetchone()
-                    elapsed = time.perf_counter() - started
-                    with lock:
-                        attempted += 1
-                        succeeded[marker] = row[0] if row else -1
-                        latencies.append(elapsed)
-                except psycopg.Error as ex:
-                    with lock:
-                        attempted += 1
-                        failed[type(ex).__name__] += 1
-                        failed_markers.append(marker)
-
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(args.writers)]
-        chaos_thread = threading.Thread(
-            target=chaos, args=(dsn, stop, args.chaos_interval, args.kill_every, chaos_stats))
-        started = time.monotonic()
-        for t in [*threads, chaos_thread]:
-            t.start()
-        time.sleep(args.duration)
-        stop.set()
-        for t in [*threads, chaos_thread]:
-            t.join()
-        wall = time.monotonic() - started
+    writers = threading.Thread(target=WRITERS[args.driver], args=(dsn, args, stop, tally))
+    chaos_thread = threading.Thread(
+        target=chaos, args=(dsn, stop, args.chaos_interval, args.kill_every, chaos_stats))
+    started = time.monotonic()
+    writers.start()
+    chaos_thread.start()
+    time.sleep(args.duration)
+    stop.set()
+    for t in (writers, chaos_thread):
+        t.join()
+    wall = time.monotonic() - started
 
     with psycopg.connect(dsn, autocommit=True) as c:
         rows = c.execute("SELECT marker, count(*), min(id) FROM soak WHERE marker <> 'chaos'"
@@ -156,15 +298,19 @@ def main() -> None:
         total, distinct = c.execute("SELECT count(*), count(DISTINCT id) FROM soak").fetchone() \
             or (0, 0)
     found = {m: (n, i) for m, n, i in rows}
+    succeeded = tally.succeeded
     duplicates = sum(1 for n, _ in found.values() if n > 1)
     lost = sum(1 for m in succeeded if m not in found)
     wrong_id = sum(1 for m, i in succeeded.items() if m in found and found[m][1] != i)
-    ambiguous_landed = sum(1 for m in failed_markers if m in found)
-    lat = sorted(latencies)
+    ambiguous_landed = sum(1 for m in tally.failed_markers if m in found)
+    lat = sorted(tally.latencies)
+    what = "transactions of 2 inserts" if args.transaction else "autocommit inserts"
 
-    print(f"soak: {args.writers} writers, {wall:.0f} s, PostgreSQL via HealingConnection pool")
-    print(f"  inserts attempted      {attempted}")
-    print(f"  succeeded              {len(succeeded)}  ({len(succeeded) / wall:.0f}/s)")
+    print(f"soak: {args.writers} writers, {wall:.0f} s, PostgreSQL via {args.driver}"
+          f" HealingConnection pool, {what}")
+    attempts = "transactions attempted" if args.transaction else "inserts attempted"
+    print(f"  {attempts:<23}{tally.attempted}")
+    print(f"  rows succeeded         {len(succeeded)}  ({len(succeeded) / wall:.0f}/s)")
     print(f"  healed (resyncs)       {events['sequence_resynced']}"
           f"  (+{events['sequence_already_in_sync']} found already healed,"
           f" {events['sequence_resync_failed']} failed)")
@@ -172,8 +318,8 @@ def main() -> None:
     print(f"  heal failures by class {by_class}")
     print(f"  retries that collided  {events['retry_failed']}  (chaos re-broke the sequence"
           " between heal and retry)")
-    print(f"  failed with error      {sum(failed.values())}  {dict(failed)}"
-          f"  ({ambiguous_landed} of them committed before the connection died)")
+    print(f"  failed with error      {sum(tally.failed.values())}  {dict(tally.failed)}"
+          f"  ({ambiguous_landed} rows of them committed before the connection died)")
     print(f"  duplicates found       {duplicates}")
     print(f"  rows lost              {lost}")
     print(f"  wrong id returned      {wrong_id}")
