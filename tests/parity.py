@@ -60,6 +60,8 @@ from hypothesis import strategies as st
 from psycopg import sql
 from structlog.testing import capture_logs
 
+from selfheal import insync
+
 __all__ = [
     "SCHEMA",
     "TAKEN",
@@ -667,9 +669,16 @@ async def run_script(driver: Driver, script: Script, db: Database,
 
 async def run_pair(driver: Driver, script: Script, healing: Database,
                    plain: Database) -> tuple[Run, Run]:
-    """Reset both databases, run the healing side, then the plain side with its oracle."""
+    """Reset both databases, run the healing side, then the plain side with its oracle.
+
+    The healing side starts as a new process would, knowing nothing of the
+    tables: the reset is done behind its back, and what an earlier script
+    verified less than `verified_for` ago would otherwise decide whether this
+    one's statements are protected.
+    """
     healing.reset()
     plain.reset()
+    insync._forget_all()
     healed = await run_script(driver, script, healing)
     return healed, await run_script(driver, script, plain, heals=healed.heals)
 
