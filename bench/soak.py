@@ -1,11 +1,12 @@
 """
 Soak: many writers through healing connections while chaos keeps breaking things.
 
-    python bench/soak.py [--dsn DSN] [--driver psycopg|psycopg2|asyncpg]
+    python bench/soak.py [--dsn DSN] [--driver psycopg|psycopg-async|psycopg2|asyncpg]
                          [--transaction] [--writers 32] [--duration 120]
 
 N writers insert rows with a unique marker through healing connections:
-a psycopg_pool of `selfheal.HealingConnection` (the default), a
+a psycopg_pool of `selfheal.HealingConnection` (the default) or of
+`selfheal.AsyncHealingConnection` (N asyncio tasks), a
 `psycopg2.pool.ThreadedConnectionPool` of `selfheal.psycopg2.HealingConnection`,
 or an asyncpg pool of `selfheal.asyncpg.HealingConnection`. Each writes one
 autocommit insert at a time, or with --transaction a transaction of a SELECT
@@ -150,6 +151,44 @@ def psycopg_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
         _run_threads(writer, args.writers)
 
 
+def psycopg_async_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
+                          tally: Tally) -> None:
+    import asyncio
+
+    from psycopg_pool import AsyncConnectionPool
+
+    from selfheal import AsyncHealingConnection
+
+    async def main() -> None:
+        async with AsyncConnectionPool(
+                dsn, connection_class=AsyncHealingConnection, min_size=args.writers,
+                max_size=args.writers, check=AsyncConnectionPool.check_connection,
+                kwargs={"autocommit": not args.transaction,
+                        "application_name": "soak-writer"}) as pool:
+
+            async def writer(i: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    markers = _markers(i, n, args.transaction)
+                    n += 1
+                    started = time.perf_counter()
+                    landed: dict[str, int] = {}
+                    try:
+                        async with pool.connection(timeout=30) as pc:
+                            if args.transaction:
+                                await pc.execute("SELECT 1")
+                            for m in markers:
+                                row = await (await pc.execute(INSERT, (m,))).fetchone()
+                                landed[m] = row[0] if row else -1
+                        tally.done(landed, started)
+                    except psycopg.Error as ex:
+                        tally.fail(ex, markers, landed, args.transaction)
+
+            await asyncio.gather(*(writer(i) for i in range(args.writers)))
+
+    asyncio.run(main())
+
+
 def psycopg2_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
                      tally: Tally) -> None:
     import psycopg2
@@ -246,8 +285,8 @@ def _run_threads(writer: Any, count: int) -> None:
         t.join()
 
 
-WRITERS = {"psycopg": psycopg_writers, "psycopg2": psycopg2_writers,
-           "asyncpg": asyncpg_writers}
+WRITERS = {"psycopg": psycopg_writers, "psycopg-async": psycopg_async_writers,
+           "psycopg2": psycopg2_writers, "asyncpg": asyncpg_writers}
 
 
 def main() -> None:
