@@ -84,7 +84,7 @@ class TestKilledBackends:
             # terminated the backend between two of the heal's round trips.
             if not terminated and "pg_advisory_xact_lock" in repr(batch):
                 terminated.append(c.info.backend_pid)
-                conn.execute("SELECT pg_terminate_backend(%s, 10000)", (terminated[0],))
+                _kill(conn, terminated[0])
             return opens_alone(c, batch)
 
         opens_alone = _drive._opens_alone
@@ -429,62 +429,62 @@ def _kill(conn: psycopg.Connection, pid: int) -> None:
     conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
 
 
+def _seen(ex: BaseException, closed: Any) -> tuple[str, str, bool]:
+    return type(ex).__name__, str(ex), bool(closed)
+
+
 async def _insert_after_kill(conn: psycopg.Connection, dsn: str, driver: str, healing: bool,
                              known: bool) -> tuple[str, str, bool]:
     """Open a connection, terminate its backend, insert: (error class, message, closed)."""
     insert = "INSERT INTO k (note) VALUES ('x') RETURNING id"
-    try:
-        if driver in ("psycopg", "psycopg-async"):
-            if driver == "psycopg":
-                c = (HealingConnection if healing else psycopg.Connection).connect(
-                    dsn, autocommit=True)
-                if known:
-                    c.execute("INSERT INTO k (note) VALUES ('a')")
-                _kill(conn, c.info.backend_pid)
-                with c, pytest.raises(psycopg.Error) as info:
-                    c.execute(insert)
-            else:
-                ac = await (AsyncHealingConnection if healing else psycopg.AsyncConnection
-                            ).connect(dsn, autocommit=True)
-                if known:
-                    await ac.execute("INSERT INTO k (note) VALUES ('a')")
-                _kill(conn, ac.info.backend_pid)
-                async with ac:
-                    with pytest.raises(psycopg.Error) as info:
-                        await ac.execute(insert)
-                c = ac  # type: ignore[assignment]
-            return type(info.value).__name__, str(info.value), c.closed
-        if driver == "psycopg2":
-            import psycopg2
-
-            from selfheal.psycopg2 import HealingConnection as Healing2
-
-            c2 = psycopg2.connect(dsn, connection_factory=Healing2 if healing else None)
-            c2.autocommit = True
-            cur = c2.cursor()
-            if known:
-                cur.execute("INSERT INTO k (note) VALUES ('a')")
-            _kill(conn, c2.info.backend_pid)
-            with pytest.raises(psycopg2.Error) as info2:
-                cur.execute(insert)
-            closed = bool(c2.closed)
-            c2.close()
-            return type(info2.value).__name__, str(info2.value), closed
-        import asyncpg
-
-        from selfheal.asyncpg import HealingConnection as HealingA
-
-        from .test_asyncpg import connect_args
-
-        a = await asyncpg.connect(**connect_args(dsn), connection_class=HealingA if healing
-                                  else asyncpg.Connection)
+    first = "INSERT INTO k (note) VALUES ('a')"
+    if driver == "psycopg":
+        c = (HealingConnection if healing else psycopg.Connection).connect(dsn, autocommit=True)
         if known:
-            await a.execute("INSERT INTO k (note) VALUES ('a')")
-        _kill(conn, a.get_server_pid())
-        with pytest.raises(asyncpg.PostgresError) as info3:
-            await a.fetchval(insert)
-        closed = a.is_closed()
-        await a.close()
-        return type(info3.value).__name__, str(info3.value), closed
-    finally:
-        conn.execute("DELETE FROM k WHERE note = 'a'")
+            c.execute(first)
+        _kill(conn, c.info.backend_pid)
+        with c, pytest.raises(psycopg.Error) as info:
+            c.execute(insert)
+        return _seen(info.value, c.closed)
+    if driver == "psycopg-async":
+        ac = await (AsyncHealingConnection if healing else psycopg.AsyncConnection
+                    ).connect(dsn, autocommit=True)
+        if known:
+            await ac.execute(first)
+        _kill(conn, ac.info.backend_pid)
+        async with ac:
+            with pytest.raises(psycopg.Error) as info:
+                await ac.execute(insert)
+        return _seen(info.value, ac.closed)
+    if driver == "psycopg2":
+        import psycopg2
+
+        from selfheal.psycopg2 import HealingConnection as Healing2
+
+        c2 = psycopg2.connect(dsn, connection_factory=Healing2 if healing else None)
+        c2.autocommit = True
+        cur = c2.cursor()
+        if known:
+            cur.execute(first)
+        _kill(conn, c2.info.backend_pid)
+        with pytest.raises(psycopg2.Error) as info2:
+            cur.execute(insert)
+        seen = _seen(info2.value, c2.closed)
+        c2.close()
+        return seen
+    import asyncpg
+
+    from selfheal.asyncpg import HealingConnection as HealingA
+
+    from .test_asyncpg import connect_args
+
+    a = await asyncpg.connect(**connect_args(dsn), connection_class=HealingA if healing
+                              else asyncpg.Connection)
+    if known:
+        await a.execute(first)
+    _kill(conn, a.get_server_pid())
+    with pytest.raises(asyncpg.PostgresError) as info3:
+        await a.fetchval(insert)
+    seen = _seen(info3.value, a.is_closed())
+    await a.close()
+    return seen
