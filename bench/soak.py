@@ -28,6 +28,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -120,6 +121,53 @@ def _markers(i: int, n: int, transaction: bool) -> list[str]:
     return [f"w{i}-{n}", f"w{i}-{n}b"] if transaction else [f"w{i}-{n}"]
 
 
+#: One attempt: insert `markers`, noting in `landed` the id each one got.
+Attempt = Callable[[list[str], dict[str, int]], None]
+AsyncAttempt = Callable[[list[str], dict[str, int]], Awaitable[None]]
+
+
+def _loop(i: int, attempt: Attempt, errors: tuple[type[BaseException], ...],
+          args: argparse.Namespace, stop: threading.Event, tally: Tally) -> None:
+    """Writer `i`: attempts until `stop`, each tallied."""
+    n = 0
+    while not stop.is_set():
+        markers = _markers(i, n, args.transaction)
+        n += 1
+        started = time.perf_counter()
+        landed: dict[str, int] = {}
+        try:
+            attempt(markers, landed)
+            tally.done(landed, started)
+        except errors as ex:
+            tally.fail(ex, markers, landed, args.transaction)
+
+
+async def _aloop(i: int, attempt: AsyncAttempt, errors: tuple[type[BaseException], ...],
+                 args: argparse.Namespace, stop: threading.Event, tally: Tally) -> None:
+    """The async twin of `_loop`."""
+    n = 0
+    while not stop.is_set():
+        markers = _markers(i, n, args.transaction)
+        n += 1
+        started = time.perf_counter()
+        landed: dict[str, int] = {}
+        try:
+            await attempt(markers, landed)
+            tally.done(landed, started)
+        except errors as ex:
+            tally.fail(ex, markers, landed, args.transaction)
+
+
+def _run_threads(attempt: Attempt, errors: tuple[type[BaseException], ...],
+                 args: argparse.Namespace, stop: threading.Event, tally: Tally) -> None:
+    threads = [threading.Thread(target=_loop, args=(i, attempt, errors, args, stop, tally))
+               for i in range(args.writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 INSERT = "INSERT INTO soak (marker) VALUES (%s) RETURNING id"
 
 
@@ -130,25 +178,15 @@ def psycopg_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
                         kwargs={"autocommit": not args.transaction,
                                 "application_name": "soak-writer"}) as pool:
 
-        def writer(i: int) -> None:
-            n = 0
-            while not stop.is_set():
-                markers = _markers(i, n, args.transaction)
-                n += 1
-                started = time.perf_counter()
-                landed: dict[str, int] = {}
-                try:
-                    with pool.connection(timeout=30) as pc:  # commits, or rolls back
-                        if args.transaction:
-                            pc.execute("SELECT 1")
-                        for m in markers:
-                            row = pc.execute(INSERT, (m,)).fetchone()
-                            landed[m] = row[0] if row else -1
-                    tally.done(landed, started)
-                except psycopg.Error as ex:
-                    tally.fail(ex, markers, landed, args.transaction)
+        def attempt(markers: list[str], landed: dict[str, int]) -> None:
+            with pool.connection(timeout=30) as pc:  # commits, or rolls back
+                if args.transaction:
+                    pc.execute("SELECT 1")
+                for m in markers:
+                    row = pc.execute(INSERT, (m,)).fetchone()
+                    landed[m] = row[0] if row else -1
 
-        _run_threads(writer, args.writers)
+        _run_threads(attempt, (psycopg.Error,), args, stop, tally)
 
 
 def psycopg_async_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
@@ -166,25 +204,16 @@ def psycopg_async_writers(dsn: str, args: argparse.Namespace, stop: threading.Ev
                 kwargs={"autocommit": not args.transaction,
                         "application_name": "soak-writer"}) as pool:
 
-            async def writer(i: int) -> None:
-                n = 0
-                while not stop.is_set():
-                    markers = _markers(i, n, args.transaction)
-                    n += 1
-                    started = time.perf_counter()
-                    landed: dict[str, int] = {}
-                    try:
-                        async with pool.connection(timeout=30) as pc:
-                            if args.transaction:
-                                await pc.execute("SELECT 1")
-                            for m in markers:
-                                row = await (await pc.execute(INSERT, (m,))).fetchone()
-                                landed[m] = row[0] if row else -1
-                        tally.done(landed, started)
-                    except psycopg.Error as ex:
-                        tally.fail(ex, markers, landed, args.transaction)
+            async def attempt(markers: list[str], landed: dict[str, int]) -> None:
+                async with pool.connection(timeout=30) as pc:
+                    if args.transaction:
+                        await pc.execute("SELECT 1")
+                    for m in markers:
+                        row = await (await pc.execute(INSERT, (m,))).fetchone()
+                        landed[m] = row[0] if row else -1
 
-            await asyncio.gather(*(writer(i) for i in range(args.writers)))
+            await asyncio.gather(*(_aloop(i, attempt, (psycopg.Error,), args, stop, tally)
+                                   for i in range(args.writers)))
 
     asyncio.run(main())
 
@@ -200,35 +229,28 @@ def psycopg2_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
         args.writers, args.writers, dsn, connection_factory=Healing2,
         application_name="soak-writer")
 
-    def writer(i: int) -> None:
-        n = 0
-        while not stop.is_set():
-            markers = _markers(i, n, args.transaction)
-            n += 1
-            started = time.perf_counter()
-            landed: dict[str, int] = {}
-            conn = pool.getconn()
-            conn.autocommit = not args.transaction
-            try:
-                with conn.cursor() as cur:
-                    if args.transaction:
-                        cur.execute("SELECT 1")
-                    for m in markers:
-                        cur.execute(INSERT, (m,))
-                        landed[m] = cur.fetchone()[0]
+    def attempt(markers: list[str], landed: dict[str, int]) -> None:
+        conn = pool.getconn()
+        conn.autocommit = not args.transaction
+        try:
+            with conn.cursor() as cur:
                 if args.transaction:
-                    conn.commit()
-                tally.done(landed, started)
-            except psycopg2.Error as ex:
-                tally.fail(ex, markers, landed, args.transaction)
-                if not conn.closed:
-                    with contextlib.suppress(psycopg2.Error):
-                        conn.rollback()
-            finally:
-                pool.putconn(conn, close=bool(conn.closed))
+                    cur.execute("SELECT 1")
+                for m in markers:
+                    cur.execute(INSERT, (m,))
+                    landed[m] = cur.fetchone()[0]
+            if args.transaction:
+                conn.commit()
+        except psycopg2.Error:
+            if not conn.closed:
+                with contextlib.suppress(psycopg2.Error):
+                    conn.rollback()
+            raise
+        finally:
+            pool.putconn(conn, close=bool(conn.closed))
 
     try:
-        _run_threads(writer, args.writers)
+        _run_threads(attempt, (psycopg2.Error,), args, stop, tally)
     finally:
         pool.closeall()
 
@@ -250,39 +272,22 @@ def asyncpg_writers(dsn: str, args: argparse.Namespace, stop: threading.Event,
             dsn, connection_class=HealingA, min_size=args.writers, max_size=args.writers,
             server_settings={"application_name": "soak-writer"})
 
-        async def writer(i: int) -> None:
-            n = 0
-            while not stop.is_set():
-                markers = _markers(i, n, args.transaction)
-                n += 1
-                started = time.perf_counter()
-                landed: dict[str, int] = {}
-                try:
-                    async with pool.acquire() as conn:
-                        if args.transaction:
-                            async with conn.transaction():
-                                await conn.fetchval("SELECT 1")
-                                for m in markers:
-                                    landed[m] = await conn.fetchval(insert, m)
-                        else:
-                            for m in markers:
-                                landed[m] = await conn.fetchval(insert, m)
-                    tally.done(landed, started)
-                except failures as ex:
-                    tally.fail(ex, markers, landed, args.transaction)
+        async def attempt(markers: list[str], landed: dict[str, int]) -> None:
+            async with pool.acquire() as conn:
+                if args.transaction:
+                    async with conn.transaction():
+                        await conn.fetchval("SELECT 1")
+                        for m in markers:
+                            landed[m] = await conn.fetchval(insert, m)
+                else:
+                    for m in markers:
+                        landed[m] = await conn.fetchval(insert, m)
 
-        await asyncio.gather(*(writer(i) for i in range(args.writers)))
+        await asyncio.gather(*(_aloop(i, attempt, failures, args, stop, tally)
+                               for i in range(args.writers)))
         await pool.close()
 
     asyncio.run(main())
-
-
-def _run_threads(writer: Any, count: int) -> None:
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 WRITERS = {"psycopg": psycopg_writers, "psycopg-async": psycopg_async_writers,
