@@ -53,13 +53,6 @@ def conninfo_of(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) ->
     return psycopg.conninfo.make_conninfo("", **params)
 
 
-# _LOST: a batch that fails while it queues (its connection lost, mostly:
-# the server's FATAL message arrives before libpq marks the connection bad)
-# leaves its pipeline block without the error, then raises it. Left with the
-# error, psycopg would log that it could not close the pipeline, a warning
-# that plain psycopg, which has no pipeline there, never logs.
-
-
 def _fetch(cur: psycopg.Cursor[TupleRow]) -> Rows:
     return cur.fetchall() if cur.pgresult is not None and cur.description else []
 
@@ -144,7 +137,13 @@ def _serve(conn: psycopg.Connection[Any], req: Request) -> Any:
                         else:
                             cur.execute(q.query, q.params, prepare=False)
                 except psycopg.Error as err:
-                    lost = err  # see _LOST
+                    # Failing while it queues (its connection lost, mostly: the
+                    # server's FATAL message arrives before libpq marks the
+                    # connection bad), the batch leaves its pipeline block
+                    # without the error, then raises it. Left with the error,
+                    # psycopg would log that it could not close the pipeline, a
+                    # warning plain psycopg, with no pipeline there, never logs.
+                    lost = err
         except psycopg.Error:
             if lost is None:
                 raise
@@ -249,7 +248,7 @@ async def _aserve(aconn: psycopg.AsyncConnection[Any], req: Request) -> Any:
                         else:
                             await cur.execute(q.query, q.params, prepare=False)
                 except psycopg.Error as err:
-                    lost = err  # see _LOST
+                    lost = err  # as in _serve
         except psycopg.Error:
             if lost is None:
                 raise
