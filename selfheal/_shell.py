@@ -228,21 +228,26 @@ class _Shell:
 
     # -- flows: what the connections' wait() runs off the hot path ------------------
 
-    def _selfheal_flow(self, gen: PQGen[Any], code: Any) -> Flow[Any]:
+    def _selfheal_flow(self, gen: PQGen[Any], code: Any, f: dict[str, Any] | None = None
+                       ) -> Flow[Any]:
         """Psycopg generator `gen` (its code object: `code`) off the hot path, from plan
-        to heal: the caller's statement, or another step psycopg runs."""
+        to heal: the caller's statement, or another step psycopg runs. `f`: the
+        locals of an ``execute()`` generator, when read already."""
         call: _attempt.Call | None
         planner = self._selfheal_planner
         wrote: tuple[Write, ...] = ()
+        statement: Any = None  # what the explicit keys' looks name, when not call.query
         if code is _EXECUTE:
-            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            if f is None:
+                f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            statement = f["query"]
             pgconn = self.pgconn  # type: ignore[attr-defined]
             if pgconn.pipeline_status != _OFF:
                 mode = _PASS
             else:
                 mode = planner.plan(pgconn.transaction_status,
                                     self._autocommit,  # type: ignore[attr-defined]
-                                    f["query"], self, self.selfheal_options, _PIPELINES)
+                                    statement, self, self.selfheal_options, _PIPELINES)
                 wrote = planner.explicit
             if mode is _PASS:
                 call = None
@@ -256,7 +261,7 @@ class _Shell:
                     return (yield from self._selfheal_first_failed(
                         ex, _attempt.execute_call(f), mode))
                 if wrote:
-                    yield from self._selfheal_explicit(wrote, f["query"])
+                    yield from self._selfheal_explicit(wrote, statement)
                 return value
             else:
                 call = _attempt.execute_call(f)
@@ -271,7 +276,7 @@ class _Shell:
                         return (yield from self._selfheal_lost(gen, lost))
                 elif code is _attempt.COPY_END and self._selfheal_copy is not None:
                     # A COPY FROM into a table with a sequence-backed key ends.
-                    wrote, copied = self._selfheal_copy
+                    wrote, statement = self._selfheal_copy
                     self._selfheal_copy = None
                 mode = Mode.PASS
             else:
@@ -293,8 +298,7 @@ class _Shell:
                     self._selfheal_pending_writes = wrote
                 else:
                     yield from self._selfheal_explicit(
-                        wrote, call.query if call is not None
-                        else copied if code is _attempt.COPY_END else f["query"])
+                        wrote, call.query if call is not None else statement)
             elif planner.deferred and self._selfheal_idle():
                 yield from self._selfheal_refresh()  # the transaction that wrote them is over
             return value

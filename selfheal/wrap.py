@@ -121,9 +121,10 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_run(
                         self._selfheal_first_failed(ex, _attempt.execute_call(f), mode))
-        elif self._selfheal_busy:
+            return self._selfheal_run(self._selfheal_flow(gen, code, f), interval, timeout)
+        if self._selfheal_busy:
             return super().wait(gen, interval, timeout)
-        elif code is _COMMIT or code is _ROLLBACK:
+        if code is _COMMIT or code is _ROLLBACK:
             # The transaction ends: nothing to protect (a deferred key may still collide).
             try:
                 value = super().wait(gen, interval, timeout)
@@ -222,7 +223,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             self._selfheal_pipelines -= 1
 
     async def wait(self, gen: PQGen[_RV], interval: float = _WAIT_INTERVAL,
-             timeout: float | None = None) -> _RV:
+                   timeout: float | None = None) -> _RV:
         """As `psycopg.AsyncConnection.wait`: where selfheal sees every statement run."""
         code = getattr(gen, "gi_code", None)
         if code is _EXECUTE and not self._selfheal_busy:
@@ -244,9 +245,11 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_run(
                         self._selfheal_first_failed(ex, _attempt.execute_call(f), mode))
-        elif self._selfheal_busy:
+            return await self._selfheal_run(self._selfheal_flow(gen, code, f), interval,
+                                            timeout)
+        if self._selfheal_busy:
             return await super().wait(gen, interval, timeout)
-        elif code is _COMMIT or code is _ROLLBACK:
+        if code is _COMMIT or code is _ROLLBACK:
             # The transaction ends: nothing to protect (a deferred key may still collide).
             try:
                 value = await super().wait(gen, interval, timeout)
