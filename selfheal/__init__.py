@@ -10,6 +10,9 @@ moving it backwards, and (through `HealingConnection`) retries the statement.
 
 from __future__ import annotations
 
+# Finding and fixing drift, one table or a whole database.
+from .api import acheck, aresync, check, resync
+
 # The errors selfheal raises.
 from .errors import (
     LockTimeout,
@@ -22,11 +25,9 @@ from .errors import (
     TableNotFound,
 )
 
-# Connections that heal and retry.
+# Connections that heal and retry; what resync and check return.
 from .heal import HealOptions
-
-# Finding and fixing drift, one table or a whole database.
-from .resync import ResyncResult, SequenceStatus, acheck, aresync, check, resync
+from .resync import ResyncResult, SequenceStatus
 from .wrap import AsyncHealingConnection, HealingConnection
 
 __version__ = "0.1.0"

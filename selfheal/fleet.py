@@ -25,6 +25,7 @@ import psycopg
 from . import report
 from ._drive import run
 from ._ops import Operation, Query
+from .api import check_readable, resync
 from .conninfo import redact, scrub
 from .discover import TableInfo, list_tables
 from .errors import SelfhealError, first_line
@@ -35,8 +36,6 @@ from .resync import (
     ResyncResult,
     SequenceStatus,
     causes_query,
-    check_readable,
-    resync,
     target_value,
 )
 from .targets import (

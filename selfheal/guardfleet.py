@@ -18,13 +18,14 @@ from typing import Any
 import psycopg
 
 from . import fleet, guard, report
+from .api import check_readable
 from .conninfo import scrub
 from .errors import SelfhealError, first_line
 from .fleet import _connect, _map, _table_names
 from .guard import GuardState
 from .names import TableName, suggest
 from .render import _labels
-from .resync import LOCK_TIMEOUT, check_readable
+from .resync import LOCK_TIMEOUT
 from .targets import CONNECT_TIMEOUT, FleetError, Target, validate_like
 
 __all__ = ["GuardDatabase", "GuardFleetReport", "GuardTable", "guard_fleet",

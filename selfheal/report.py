@@ -215,7 +215,8 @@ def _settings(client: Any) -> tuple[bool, float]:
     integration = client.get_integration(SelfhealIntegration)
     if integration is None:
         return True, SENTRY_INTERVAL
-    return integration.send_events, integration.interval
+    interval = integration.interval
+    return integration.send_events, SENTRY_INTERVAL if interval is None else interval
 
 
 def _admit(kind: str, database: str, schema: str, table: str) -> int | None:

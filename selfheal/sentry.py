@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from sentry_sdk.integrations import Integration
 
-from .report import SENTRY_INTERVAL
-
 __all__ = ["SelfhealIntegration"]
 
 
@@ -22,14 +20,15 @@ class SelfhealIntegration(Integration):
 
     :param interval: seconds during which further heals (or failed heals) of
         the same table are counted rather than sent; the count travels with
-        the next event, in the ``selfheal`` context.
+        the next event, in the ``selfheal`` context. None: selfheal's default,
+        300 (`selfheal.report.SENTRY_INTERVAL`).
     :param send_events: False keeps selfheal's events out of Sentry.
     """
 
     identifier = "selfheal"
 
-    def __init__(self, interval: float = SENTRY_INTERVAL, send_events: bool = True) -> None:
-        if interval < 0:
+    def __init__(self, interval: float | None = None, send_events: bool = True) -> None:
+        if interval is not None and interval < 0:
             raise ValueError("interval must be >= 0")
         self.interval = interval
         self.send_events = send_events

@@ -21,7 +21,8 @@ from typing import Any
 
 import psycopg
 
-from .resync import SequenceStatus, acheck, check
+from .api import acheck, check
+from .resync import SequenceStatus
 
 __all__ = ["aassert_sequences_in_sync", "assert_sequences_in_sync", "drift_message"]
 

@@ -13,9 +13,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 import selfheal
 from selfheal import fleet
+from selfheal.api import check_readable
 from selfheal.discover import TableInfo
 from selfheal.fleet import FleetError, Target
-from selfheal.resync import check_readable
 
 from .conftest import round_trips
 from .tenants import dbname, make_tenants, next_value, seed, unique_prefix

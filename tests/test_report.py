@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -239,11 +239,17 @@ class TestSentry:
         assert frames and all("vars" not in f for f in frames)
         assert all(SECRET.encode() not in raw for raw in receiver.raw)
 
+    @pytest.mark.parametrize("integration", [
+        pytest.param(lambda: SelfhealIntegration(interval=3600), id="interval"),
+        pytest.param(SelfhealIntegration, id="default-interval"),
+    ])
     def test_repeats_counted_not_resent(
-        self, receiver: Receiver, conn: psycopg.Connection, dsn: str
+        self, receiver: Receiver, conn: psycopg.Connection, dsn: str,
+        integration: Callable[[], SelfhealIntegration],
     ) -> None:
-        """Heals of one table within the interval are counted, then sent with the next."""
-        init_sentry(receiver, integrations=[SelfhealIntegration(interval=3600)])
+        """Heals of one table within the interval (selfheal's default of 300 s when the
+        integration gives none) are counted, then sent with the next."""
+        init_sentry(receiver, integrations=[integration()])
         make_drifted(conn)
         conn.execute("CREATE TABLE other (id serial PRIMARY KEY)")
         conn.execute("INSERT INTO other VALUES (1), (2)")

@@ -21,12 +21,13 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from .. import report
+from ..api import check, resync
 from ..cli import _seconds, audit_to_stderr
 from ..errors import SelfhealError, first_line
 from ..fleet import DatabaseReport, FleetReport, SequenceReport, Target
 from ..names import TableName, parse_table_name
 from ..render import render_json, render_table
-from ..resync import LOCK_TIMEOUT, check, resync
+from ..resync import LOCK_TIMEOUT
 
 
 class SequenceCommand(BaseCommand):
