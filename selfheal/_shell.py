@@ -39,7 +39,6 @@ _EXECUTE = _attempt.EXECUTE
 _PIPELINES = psycopg.Pipeline.is_supported()
 _IDLE = TransactionStatus.IDLE
 _INTRANS = TransactionStatus.INTRANS
-_ExplicitOp = tuple[_drive.Operation[list[explicit.Outcome]], str]
 T = TypeVar("T")
 
 
@@ -175,42 +174,25 @@ class _Shell:
             and self.pgconn.pipeline_status == _OFF  # type: ignore[attr-defined]
         )
 
-    def _selfheal_explicit_ops(self, wrote: tuple[Write, ...], query: Any,
-                               in_pipeline: bool = False) -> list[_ExplicitOp]:
+    def _selfheal_explicit_op(self, wrote: tuple[Write, ...], query: Any,
+                              in_pipeline: bool = False) -> _drive.Operation[None] | None:
         """The looks at the keys a statement that succeeded wrote (`selfheal.explicit`)."""
         options = self.selfheal_options
         if options.explicit_ids == "allow":
-            return []
+            return None
         pgconn = self.pgconn  # type: ignore[attr-defined]
         if pgconn.pipeline_status != _OFF and not in_pipeline:
-            return []  # the caller's pipeline: its results are not read yet
+            return None  # the caller's pipeline: its results are not read yet
         status = pgconn.transaction_status
         if status == _INTRANS:
             where = "transaction"
         elif status == _IDLE and self.autocommit:  # type: ignore[attr-defined]
             where = "autocommit"
         else:
-            return []
-        statement = redacted_of(query, self)
-        writes = self._selfheal_planner.writes(wrote, statement)
-        return [(explicit.settle(writes, where, options), statement)] if writes else []
-
-    def _selfheal_deferred_ops(self) -> list[_ExplicitOp]:
-        """The looks at writes into tables the facts' check has just told about."""
-        planner = self._selfheal_planner
-        options = self.selfheal_options
-        if not planner.deferred or options.explicit_ids == "allow":
-            return []
-        where = "autocommit" if self.autocommit else "idle"  # type: ignore[attr-defined]
-        return [(explicit.settle(writes, where, options), statement)
-                for writes, statement in planner.take_deferred()]
-
-    def _selfheal_explicit_report(self, outcomes: list[explicit.Outcome], statement: str
-                                  ) -> None:
-        if outcomes:
-            explicit.report_outcomes(outcomes, self.info.dbname,  # type: ignore[attr-defined]
-                                     statement, self.selfheal_options,
-                                     self._selfheal_planner.facts)
+            return None
+        database = self.info.dbname  # type: ignore[attr-defined]
+        return explicit.after_statement(self._selfheal_planner, wrote, redacted_of(query, self),
+                                        where, options, database)
 
     def _selfheal_idle(self) -> bool:
         pgconn = self.pgconn  # type: ignore[attr-defined]
@@ -349,7 +331,11 @@ class _Shell:
             self._selfheal_busy = busy
         if err is not None and self.closed:  # type: ignore[attr-defined]
             return err  # type: ignore[no-any-return]
-        yield from self._selfheal_settle(self._selfheal_deferred_ops())
+        # Writes into tables the check has just told about.
+        where = "autocommit" if self.autocommit else "idle"  # type: ignore[attr-defined]
+        database = self.info.dbname  # type: ignore[attr-defined]
+        yield from self._selfheal_settle(explicit.after_check(
+            self._selfheal_planner, where, self.selfheal_options, database))
         return None
 
     def _selfheal_lost(self, gen: PQGen[Any], lost: BaseException) -> Flow[Any]:
@@ -363,16 +349,15 @@ class _Shell:
 
     def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any,
                            in_pipeline: bool = False) -> Flow[None]:
-        yield from self._selfheal_settle(self._selfheal_explicit_ops(wrote, query, in_pipeline))
+        yield from self._selfheal_settle(self._selfheal_explicit_op(wrote, query, in_pipeline))
 
-    def _selfheal_settle(self, ops: list[_ExplicitOp]) -> Flow[None]:
-        for op, statement in ops:
+    def _selfheal_settle(self, op: _drive.Operation[None] | None) -> Flow[None]:
+        if op is not None:
             busy, self._selfheal_busy = self._selfheal_busy, True
             try:
-                outcomes = yield Drive(op)
+                yield Drive(op)
             finally:
                 self._selfheal_busy = busy
-            self._selfheal_explicit_report(outcomes, statement)
 
     def _selfheal_sync_pending(self, gen: PQGen[None]) -> Flow[None]:
         """executemany() syncs its pipeline: read, and heal, what it queued."""

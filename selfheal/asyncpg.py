@@ -408,11 +408,10 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
             planner.facts.refresh(self.selfheal_options.verified_for))
         if err is not None and self.is_closed():
             return err
-        if planner.deferred and self.selfheal_options.explicit_ids != "allow":
-            # Writes into tables the check has just told about.
-            for writes, statement in planner.take_deferred():
-                await self._selfheal_settle(
-                    explicit.settle(writes, "autocommit", self.selfheal_options), statement)
+        op = explicit.after_check(planner, "autocommit", self.selfheal_options,
+                                  self._selfheal_database)
+        if op is not None:
+            await self._selfheal_drive(op)
         return None
 
     async def _selfheal_explicit(self, wrote: tuple[Write, ...], query: str) -> None:
@@ -423,18 +422,12 @@ class HealingConnection(asyncpg.Connection):  # type: ignore[misc]
         status = self._selfheal_status()
         if status is _INERROR:
             return
-        statement = redacted_of(query, self)
-        writes = self._selfheal_planner.writes(wrote, statement)
-        if writes:
-            where = "transaction" if status is _INTRANS else "autocommit"
-            await self._selfheal_settle(explicit.settle(writes, where, options), statement)
-
-    async def _selfheal_settle(self, op: Operation[list[explicit.Outcome]],
-                               statement: str) -> None:
-        outcomes = await self._selfheal_drive(op)
-        if outcomes:
-            explicit.report_outcomes(outcomes, self._selfheal_database, statement,
-                                     self.selfheal_options, self._selfheal_planner.facts)
+        op = explicit.after_statement(
+            self._selfheal_planner, wrote, redacted_of(query, self),
+            "transaction" if status is _INTRANS else "autocommit", options,
+            self._selfheal_database)
+        if op is not None:
+            await self._selfheal_drive(op)
 
     # -- serving the core's requests ----------------------------------------------
 

@@ -30,6 +30,10 @@ reported without its values (`selfheal._sqltext.redacted`).
 A table the process's catalog facts do not know yet (its first statement in
 the process, inside a transaction) is looked at once the facts' next check
 told about it: when that transaction is over (`Planner.take_deferred`).
+
+A driver's shell only says where its connection is and drives what
+`after_statement` and `after_check` return; looking, moving and reporting
+happen here, alike for every driver.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from .discover import TableInfo
 from .errors import SelfhealError
 from .heal import HealOptions
 from .insync import Facts
-from .protect import Write
+from .protect import Planner, Write
 from .resync import ResyncResult, SequenceStatus, advance, scoped, status_of, status_query
 
 try:
@@ -55,7 +59,8 @@ try:
 except ImportError:  # pragma: no cover - sentry is an optional extra
     sentry_sdk = None  # type: ignore[assignment]
 
-__all__ = ["WRITES_LIMIT", "Outcome", "report_outcomes", "settle"]
+__all__ = ["WRITES_LIMIT", "Outcome", "after_check", "after_statement", "report_outcomes",
+           "settle"]
 
 #: Tables one statement is looked at for (a string of many INSERTs).
 WRITES_LIMIT = 8
@@ -84,6 +89,37 @@ class Outcome:
     @property
     def behind(self) -> bool:
         return self.status is not None and not self.status.in_sync
+
+
+def after_statement(planner: Planner, wrote: tuple[Write, ...], statement: str, where: str,
+                    options: HealOptions, database: str) -> Operation[None] | None:
+    """What a driver's shell runs after a statement that wrote keys of its own
+    (`wrote`) succeeded, `where` it is (see `settle`), or None: nothing to look at.
+
+    `statement`: its text as events show it (`selfheal._sqltext.redacted`).
+    """
+    if options.explicit_ids == "allow":
+        return None
+    writes = planner.writes(wrote, statement)
+    if not writes:
+        return None
+    return _settled([(writes, statement)], where, options, database, planner.facts)
+
+
+def after_check(planner: Planner, where: str, options: HealOptions, database: str
+                ) -> Operation[None] | None:
+    """What a driver's shell runs after the facts' check: the looks at writes into
+    tables the check has just told about (`Planner.take_deferred`), or None."""
+    if not planner.deferred or options.explicit_ids == "allow":
+        return None
+    return _settled(planner.take_deferred(), where, options, database, planner.facts)
+
+
+def _settled(writes: Sequence[tuple[Sequence[Write], str]], where: str, options: HealOptions,
+             database: str, facts: Facts) -> Operation[None]:
+    for each, statement in writes:
+        outcomes = yield from settle(each, where, options)
+        report_outcomes(outcomes, database, statement, options, facts)
 
 
 def settle(writes: Sequence[Write], where: str, options: HealOptions

@@ -384,12 +384,10 @@ class HealingConnection(ext.connection):
             planner.facts.refresh(self.selfheal_options.verified_for))
         if err is not None and self.closed:
             return err
-        if planner.deferred and self.selfheal_options.explicit_ids != "allow":
-            # Writes into tables the check has just told about.
-            where = "idle" if self._selfheal_implicit() else "autocommit"
-            for writes, statement in planner.take_deferred():
-                self._selfheal_settle(
-                    explicit.settle(writes, where, self.selfheal_options), statement)
+        op = explicit.after_check(planner, "idle" if self._selfheal_implicit() else "autocommit",
+                                  self.selfheal_options, self.info.dbname)
+        if op is not None:
+            self._selfheal_drive(op)
         return None
 
     def _selfheal_explicit(self, wrote: tuple[Write, ...], query: Any) -> None:
@@ -404,10 +402,10 @@ class HealingConnection(ext.connection):
             where = "autocommit"
         else:
             return  # a statement of selfheal's would open a transaction
-        statement = redacted_of(query, self)
-        writes = self._selfheal_planner.writes(wrote, statement)
-        if writes:
-            self._selfheal_settle(explicit.settle(writes, where, options), statement)
+        op = explicit.after_statement(self._selfheal_planner, wrote, redacted_of(query, self),
+                                      where, options, self.info.dbname)
+        if op is not None:
+            self._selfheal_drive(op)
 
     def _selfheal_copied(self, name: tuple[str, ...], columns: Any, statement: str) -> None:
         """A COPY FROM ended: the keys it may have written are looked at."""
@@ -417,12 +415,6 @@ class HealingConnection(ext.connection):
             name, None if columns is None else frozenset(columns))
         if writes:
             self._selfheal_explicit(writes, statement)
-
-    def _selfheal_settle(self, op: Operation[list[explicit.Outcome]], statement: str) -> None:
-        outcomes = self._selfheal_drive(op)
-        if outcomes:
-            explicit.report_outcomes(outcomes, self.info.dbname, statement,
-                                     self.selfheal_options, self._selfheal_planner.facts)
 
     # -- serving the core's requests ----------------------------------------------
 
