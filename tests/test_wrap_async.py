@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import inspect
+import textwrap
 
 import psycopg
 import pytest
@@ -141,3 +143,15 @@ class TestTwins:
             }
 
         assert public(sync) == public(async_)
+
+    @pytest.mark.parametrize("method", ["wait", "_selfheal_run"])
+    def test_same_code(self, method: str) -> None:
+        """What the sync and async classes still write twice (the hot path, and the
+        loop that serves `selfheal._shell`'s flows) reads the same but for ``await``."""
+        def text(cls: type) -> str:
+            source = inspect.getsource(getattr(cls, method))
+            for word in ("await ", "async ", "Async", "arun"):
+                source = source.replace(word, "" if word != "arun" else "run")
+            return ast.dump(ast.parse(textwrap.dedent(source)), include_attributes=False)
+
+        assert text(HealingConnection) == text(AsyncHealingConnection)
