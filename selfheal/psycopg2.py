@@ -87,9 +87,12 @@ class _HealingCursor:
         planner = conn._selfheal_planner
         status = conn._selfheal_info.transaction_status
         options = conn.selfheal_options
-        if status == _INTRANS and (
-                planner.quick(_INTRANS, False, query, options) is _PASS
-                or planner.plan(_INTRANS, False, query, conn, options) is _PASS):
+        mode: Mode | None = None
+        if status == _INTRANS:
+            mode = planner.quick(_INTRANS, False, query, options)
+            if mode is None:
+                mode = planner.plan(_INTRANS, False, query, conn, options)
+        if mode is _PASS:
             # The hot path: inside a transaction, nothing to protect.
             try:
                 value = self._selfheal_execute(self, query, vars)
@@ -113,7 +116,7 @@ class _HealingCursor:
                 if planner.deferred and conn._selfheal_info.transaction_status == _IDLE:
                     conn._selfheal_refresh()  # the transaction that wrote them is over
                 return value  # type: ignore[no-any-return]
-        return conn._selfheal_run(super().execute, query, vars, False)  # type: ignore[misc, no-any-return]
+        return conn._selfheal_run(super().execute, query, vars, False, mode)  # type: ignore[misc, no-any-return]
 
     def executemany(self, query: Any, vars_list: Any) -> None:
         conn = self.connection
@@ -248,11 +251,13 @@ class HealingConnection(ext.connection):
                 and self.status == ext.STATUS_READY)
 
     def _selfheal_run(self, method: Callable[[Any, Any], Any], query: Any, params: Any,
-                      many: bool) -> Any:
+                      many: bool, mode: Mode | None = None) -> Any:
+        """Run the caller's statement, protected as `selfheal.protect` decides (`mode`,
+        when decided already inside the transaction)."""
         status = self._selfheal_info.transaction_status
         planner = self._selfheal_planner
         options = self.selfheal_options
-        if status == _IDLE:
+        if mode is None and status == _IDLE:
             autocommit = not self._selfheal_implicit()
             mode = planner.plan(status, autocommit, query, self, options)
             if planner.facts.due:
@@ -265,7 +270,7 @@ class HealingConnection(ext.connection):
                 # In autocommit executemany() commits row by row: rows before
                 # a failure are in, so it is never run twice.
                 mode = Mode.HEAL_ONLY
-        else:
+        elif mode is None:
             mode = planner.plan(status, self.autocommit, query, self, options)
         wrote = planner.explicit
         if mode is _PASS or mode is Mode.HEAL_ONLY:

@@ -28,6 +28,7 @@ from . import parity
 from .conftest import seq_next
 from .parity import ErrorSeen, Execute, Options, Outcome, ResultSet, Script
 from .test_parity import dbs  # noqa: F401  (the harness's two databases)
+from .test_protect import subxact_cache, xids_of
 from .test_wrap import make_drifted
 
 # -- the harness's psycopg2 driver ----------------------------------------------------------
@@ -342,6 +343,33 @@ class TestHeals:
         cur = conn.cursor("reader")
         cur.execute("SELECT id FROM payments ORDER BY id")
         assert [r[0] for r in cur.fetchall()] == [1, 2, 3]
+        conn.close()
+
+
+class TestSubtransactionsBounded:
+    def test_thousand_protected_inserts(self, admin: psycopg.Connection[Any], dsn: str,
+                                        server_version: int) -> None:
+        """1,000 protected inserts in one transaction take 64 savepoints, then no more."""
+        # No autovacuum: its ANALYZE would take transaction ids of its own.
+        admin.execute("CREATE TABLE t (id serial PRIMARY KEY, note text)"
+                      " WITH (autovacuum_enabled = false)")
+        conn = connect(dsn, factory=HealingConnection.with_options(protect="always"))
+        cur = conn.cursor()
+        cache = []
+
+        def run() -> None:
+            for i in range(1000):
+                cur.execute("INSERT INTO t (note) VALUES (%s)", (str(i),))
+            if server_version >= 160000:
+                cache.append(subxact_cache(admin, conn.get_backend_pid()))
+            conn.commit()
+
+        # The transaction's own id and 64 savepoints' (the first insert
+        # opens the transaction and needs none).
+        assert xids_of(admin, run) == 1 + 64
+        if server_version >= 160000:
+            assert cache == [(64, False)]
+        assert admin.execute("SELECT count(*) FROM t").fetchone() == (1000,)
         conn.close()
 
 
