@@ -213,8 +213,8 @@ class Planner:
         self.explicit = ()
         return _PASS
 
-    def quick(self, status: int, autocommit: bool, query: Any, options: HealOptions
-              ) -> Mode | None:
+    def quick(self, status: int, autocommit: bool, query: Any, options: HealOptions,
+              savepoint: bool = False) -> Mode | None:
         """`plan` for the statements a connection runs most, or None: ask `plan`.
 
         A query string judged before, with nothing to watch, that runs as it
@@ -226,6 +226,10 @@ class Planner:
         schema, while no check of the facts is due. Dictionary lookups, no
         call into the catalog. An answer is kept (`passing`, `opening`): the
         string's next run is decided by one lookup.
+
+        `savepoint`: the driver runs `Mode.SAVEPOINT` itself too. Then a
+        default-key INSERT inside a transaction is always decided here, by
+        `plan` when its table is not verified in sync for a while yet.
         """
         if type(query) is not str:
             return None
@@ -252,10 +256,13 @@ class Planner:
         if status == _INTRANS:
             if kind is _DEFAULT_KEY:
                 if options.protect != "auto":
-                    return None
+                    return self.plan(status, autocommit, query, None, options) if (
+                        savepoint) else None
                 until = facts.verified.get(v.key)  # type: ignore[arg-type]
                 if until is None or until < time.monotonic() + RENEW:
-                    return None  # `plan` renews it, or protects
+                    # `plan` renews it, or protects.
+                    return self.plan(status, autocommit, query, None, options) if (
+                        savepoint) else None
                 until -= RENEW
             elif kind is _QUIET or (kind is _TRIGGERED and facts.triggers is False):
                 until = math.inf

@@ -52,7 +52,9 @@ from .heal import HealOptions, Mode
 __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
 _OFF = PipelineStatus.OFF
-_PASS = Mode.PASS
+_PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
+# Whether this libpq has pipelines: then a savepoint travels with its statement.
+_PIPELINES = psycopg.Pipeline.is_supported()
 _EXECUTE = _attempt.EXECUTE
 _COMMIT, _ROLLBACK = _attempt.COMMIT, _attempt.ROLLBACK
 _RV = Any
@@ -108,7 +110,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
             pgconn = self.pgconn
             mode = self._selfheal_planner.quick(
                 pgconn.transaction_status, self._autocommit, f["query"],
-                self.selfheal_options) if pgconn.pipeline_status == _OFF else None
+                self.selfheal_options, _PIPELINES) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
                     return super().wait(gen, interval, timeout)
@@ -117,7 +119,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                     raise
             if mode is not None and not self._notice_handlers:
                 try:
-                    return super().wait(gen, interval, timeout)
+                    return super().wait(
+                        _attempt.savepointed(self, gen) if mode is _SAVEPOINT else gen,
+                        interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return self._selfheal_run(
                         self._selfheal_first_failed(ex, _attempt.execute_call(f), mode))
@@ -232,7 +236,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
             pgconn = self.pgconn
             mode = self._selfheal_planner.quick(
                 pgconn.transaction_status, self._autocommit, f["query"],
-                self.selfheal_options) if pgconn.pipeline_status == _OFF else None
+                self.selfheal_options, _PIPELINES) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
                     return await super().wait(gen, interval, timeout)
@@ -241,7 +245,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                     raise
             if mode is not None and not self._notice_handlers:
                 try:
-                    return await super().wait(gen, interval, timeout)
+                    return await super().wait(
+                        _attempt.savepointed(self, gen) if mode is _SAVEPOINT else gen,
+                        interval, timeout)
                 except pgerrors.UniqueViolation as ex:
                     return await self._selfheal_run(
                         self._selfheal_first_failed(ex, _attempt.execute_call(f), mode))

@@ -515,8 +515,10 @@ class TestQuick:
         quick = protect.Planner.quick
 
         def checked(self: protect.Planner, status: int, autocommit: bool, query: Any,
-                    options: HealOptions) -> Any:
-            mode = quick(self, status, autocommit, query, options)
+                    options: HealOptions, savepoint: bool = False) -> Any:
+            mode = quick(self, status, autocommit, query, options, savepoint)
+            if mode is Mode.SAVEPOINT:
+                return mode  # plan()'s own answer: quick() asked it
             planned = None
             if mode is not None:
                 planned = self.plan(status, autocommit, query, None, options)
