@@ -232,15 +232,17 @@ class _Batch(BasePipeline):
 def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
     """Run `gen` under ``SAVEPOINT _selfheal`` in one round trip.
 
-    `conn` is not in pipeline mode. SAVEPOINT, the statement and RELEASE go
-    out as one pipeline with one Sync, in one write. The savepoint commands
-    are sent unnamed and unprepared, so they never enter the caller's
-    prepared-statement cache, and their results are read here: only the
-    statement's own go through psycopg's processing. RELEASE is sent even
-    when `gen` failed before sending anything (a bad parameter, say), so no
-    savepoint of selfheal's is left behind. Every result is read before this
-    returns, so an error leaves no aborted pipeline behind and the connection
-    is out of pipeline mode.
+    `conn` is not in pipeline mode. SAVEPOINT and the statement go out as
+    one pipeline with one Sync, in one write. The SAVEPOINT is sent unnamed
+    and unprepared, so it never enters the caller's prepared-statement
+    cache, and its result is read here: only the statement's own go through
+    psycopg's processing. The savepoint is not released: a RELEASE is one
+    more command for the server on every protected statement, and the
+    savepoint ends with the transaction anyway, counted against the bound of
+    savepoints a transaction (`selfheal.protect.SUBTRANSACTIONS`), as the
+    psycopg2 and asyncpg shells leave theirs. Every result is read before
+    this returns, so an error leaves no aborted pipeline behind and the
+    connection is out of pipeline mode.
     """
     first: psycopg.Error | None = None
     pgconn = conn.pgconn
@@ -256,17 +258,16 @@ def savepointed(conn: Any, gen: PQGen[None]) -> PQGen[None]:
             except psycopg.Error as ex:
                 first = ex
             batch.queue_all()
-            pgconn.send_query_params(_RELEASE, None)
             pgconn.pipeline_sync()
             yield from send(pgconn)
-            # One result set per command: SAVEPOINT, the statement's, RELEASE.
+            # One result set per command: SAVEPOINT, the statement's.
             sets, lost = yield from _results_to_sync(pgconn)
             if sets and sets[0][0].status == _FATAL_ERROR:
                 first = first or error_from_result(sets[0][0], encoding=pgconn._encoding)
             queue = batch.result_queue
             for results in sets[1:]:
                 if not queue:
-                    break  # RELEASE's
+                    break
                 try:
                     batch._process_results(queue.popleft(), results)
                 except psycopg.Error as ex:

@@ -94,6 +94,40 @@ class TestSubtransactionsBounded:
             assert cache == [(64, False)]
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (1000,)
 
+    def test_callers_savepoints_around_selfheals(self, conn: psycopg.Connection, dsn: str,
+                                                table: None) -> None:
+        """selfheal's savepoints stay until the transaction ends: the caller's own, taken
+        before or after them, release and roll back exactly as with plain psycopg, and a
+        collision after that is still retried in place."""
+        script = [INSERT, "SAVEPOINT a", INSERT, "SAVEPOINT b", INSERT, "RELEASE SAVEPOINT b",
+                  INSERT, "SAVEPOINT c", INSERT, "ROLLBACK TO SAVEPOINT c", INSERT,
+                  "ROLLBACK TO SAVEPOINT a", INSERT, "RELEASE SAVEPOINT a", INSERT]
+        seen = []
+        for cls in (psycopg.Connection, Always):
+            conn.execute("TRUNCATE t RESTART IDENTITY")
+            with cls.connect(dsn) as c:
+                steps = [(c.execute(q).statusmessage, c.info.transaction_status) for q in script]
+                c.commit()
+            seen.append((steps, conn.execute("SELECT id FROM t ORDER BY id").fetchall()))
+        assert seen[0] == seen[1]
+        assert seen[1][1] == [(1,), (7,), (8,)]
+
+        with Always.connect(dsn) as hc:
+            hc.execute(INSERT)
+            hc.execute("SAVEPOINT a")
+            hc.execute(INSERT)
+            hc.execute("SAVEPOINT b")
+            hc.execute(INSERT)
+            hc.execute("ROLLBACK TO SAVEPOINT a")
+            top = drift(conn)
+            assert hc.execute("INSERT INTO t (note) VALUES ('y') RETURNING id").fetchone() == (
+                top + 1,)
+            hc.execute("RELEASE SAVEPOINT a")
+            hc.commit()
+        assert conn.execute("SELECT count(*) FROM t WHERE note = 'x' AND id > 8").fetchone() == (
+            1,)
+        assert conn.execute("SELECT max(id) FROM t").fetchone() == (top + 1,)
+
     def test_callers_savepoints_count(self, conn: psycopg.Connection, dsn: str,
                                       table: None) -> None:
         """The caller's own savepoints count against the bound: selfheal stops at 64 in all."""
