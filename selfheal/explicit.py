@@ -52,7 +52,7 @@ from .errors import SelfhealError
 from .heal import HealOptions
 from .insync import Facts
 from .protect import Planner, Write
-from .resync import ResyncResult, SequenceStatus, advance, scoped, status_of, status_query
+from .resync import ResyncResult, SequenceStatus, advance, scoped, status_query, statuses
 
 try:
     import sentry_sdk
@@ -162,8 +162,7 @@ def _look(write: Write, info: TableInfo, options: HealOptions, move: bool,
     if peek:
         status = yield from _peek(info)
     else:
-        (row,) = yield status_query([info])
-        status = status_of(info, row)
+        (status,) = statuses([info], (yield status_query([info])))
     if status.in_sync and not certain:
         return None  # no column list, and nothing past the sequence: nothing to tell
     if move and not status.in_sync and options.explicit_ids == "advance":
@@ -182,13 +181,14 @@ def _peek(info: TableInfo) -> Operation[SequenceStatus]:
     savepoint taken and rolled back in the same round trip (where the driver
     pipelines): a failing read leaves the transaction as it was."""
     try:
-        _, (row,), _, _ = yield Batch([_PEEK, status_query([info]), *_UNPEEK])
+        _, rows, _, _ = yield Batch([_PEEK, status_query([info]), *_UNPEEK])
     except _ops.ERRORS:
         # The rest of the batch did not run: close the savepoint now.
         with contextlib.suppress(*_ops.ERRORS):
             yield Batch(_UNPEEK)
         raise
-    return status_of(info, row)
+    (status,) = statuses([info], rows)
+    return status
 
 
 def _advance(info: TableInfo, options: HealOptions) -> Operation[ResyncResult]:

@@ -35,7 +35,7 @@ from psycopg import sql
 from . import _ops
 from ._ops import Batch, Command, Operation, Query
 from .discover import TableInfo, named_query, relations
-from .resync import status_of, status_query
+from .resync import status_query, statuses
 
 __all__ = ["CATALOG_PERIOD", "RISK_PERIOD", "Facts", "Relation", "facts_for"]
 
@@ -344,10 +344,9 @@ class Facts:
                 self.triggers, self._triggers_at = found, now
                 i += 1
             if tables:
-                for row in results[i]:
-                    info = tables[row[0]]
+                for info, status in zip(tables, statuses(tables, results[i]), strict=True):
                     key = (info.schema, info.table)
-                    if status_of(info, row).in_sync and self._risky.get(key, 0.0) <= now:
+                    if status.in_sync and self._risky.get(key, 0.0) <= now:
                         if len(self.verified) >= LIMIT:
                             self.verified.clear()
                             self._changed()

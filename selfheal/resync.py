@@ -432,45 +432,55 @@ def resync_op(table: str, schema: str | None, lock_timeout: float
     return (yield from advance(info, lock_timeout))
 
 
-def status_query(infos: list[TableInfo], start: int = 0) -> Query:
-    """One query reading every table's key extremes and sequence state.
+#: The most tables one `status_query` reads: two columns each, and a SELECT
+#: list holds at most 1,664.
+STATUS_TABLES = 800
 
-    Its rows are ``(index, max, min, last_value, is_called)``, where index is
-    `start` plus the table's position in `infos`; see `status_of`.
+
+def status_query(infos: Sequence[TableInfo]) -> Query:
+    """One query reading every table's key extreme and sequence state (read it with
+    `statuses`): at most `STATUS_TABLES` tables.
+
+    One row, two columns a table, each a scalar subquery: on a backend that
+    has just started (a fleet check connects to each database afresh) this
+    plans faster than a UNION ALL of a row per table, and as fast on one that
+    runs a while.
     """
+    if len(infos) > STATUS_TABLES:
+        raise ValueError(f"at most {STATUS_TABLES} tables a status query")
     # Only the end of the keys the sequence runs towards: one index probe a table.
-    ascending = sql.SQL(
-        "SELECT {i}, (SELECT max({col}) FROM {tbl}), NULL::bigint,"
-        " s.last_value, s.is_called FROM {seq} s")
-    descending = sql.SQL(
-        "SELECT {i}, NULL::bigint, (SELECT min({col}) FROM {tbl}),"
-        " s.last_value, s.is_called FROM {seq} s")
-    parts = [
-        (ascending if info.increment > 0 else descending).format(
-            i=sql.Literal(start + i),
+    cell = sql.SQL("(SELECT {extreme}({col}) FROM {tbl}),"
+                   " (SELECT ARRAY[last_value, is_called::int] FROM {seq})")
+    return Query(sql.SQL("SELECT {}").format(sql.SQL(", ").join(
+        cell.format(
+            extreme=sql.SQL("max" if info.increment > 0 else "min"),
             col=sql.Identifier(info.column),
             tbl=info.table_ident,
             seq=info.sequence_ident,
         )
-        for i, info in enumerate(infos)
-    ]
-    return Query(sql.SQL(" UNION ALL ").join(parts))
+        for info in infos
+    )))
 
 
-def status_of(info: TableInfo, row: Sequence[Any]) -> SequenceStatus:
-    """The `SequenceStatus` of `info` from its row of a `status_query`."""
-    _, key_max, key_min, last, called = row
-    return SequenceStatus(
-        schema=info.schema,
-        table=info.table,
-        column=info.column,
-        sequence=info.sequence,
-        max_value=key_max,
-        min_value=key_min,
-        next_value=next_value(last, called, info.increment),
-        increment=info.increment,
-        constraint=info.constraint,
-    )
+def statuses(infos: Sequence[TableInfo], rows: Sequence[Sequence[Any]]) -> list[SequenceStatus]:
+    """The `SequenceStatus` of each of `infos`, from the rows of its `status_query`."""
+    (row,) = rows
+    out = []
+    for i, info in enumerate(infos):
+        key, (last, called) = row[2 * i], row[2 * i + 1]
+        ascending = info.increment > 0
+        out.append(SequenceStatus(
+            schema=info.schema,
+            table=info.table,
+            column=info.column,
+            sequence=info.sequence,
+            max_value=key if ascending else None,
+            min_value=None if ascending else key,
+            next_value=next_value(last, bool(called), info.increment),
+            increment=info.increment,
+            constraint=info.constraint,
+        ))
+    return out
 
 
 def check_op(
@@ -492,7 +502,7 @@ def check_op(
     rows = guessed = None
     if guess and len(guess) <= chunk:
         try:
-            rows, guessed = yield Batch([request, status_query(list(guess))])
+            rows, guessed = yield Batch([request, status_query(guess)])
         except _ops.ERRORS:
             rows = None  # not the same tables after all
     if rows is None:
@@ -514,15 +524,16 @@ def check_op(
         results = [guessed]
     if guess_out is not None:
         guess_out[:] = infos
+    chunks = [infos[start : start + chunk] for start in range(0, len(infos), chunk)]
     if results is None:
-        batches = [status_query(infos[start : start + chunk], start)
-                   for start in range(0, len(infos), chunk)]
+        batches = [status_query(part) for part in chunks]
         results = []
         if len(batches) == 1:
             results = [(yield batches[0])]
         elif batches:
             results = yield Batch(batches)
-    found = [status_of(infos[row[0]], row) for rows in results for row in rows]
+    found = [status for part, rows in zip(chunks, results, strict=True)
+             for status in statuses(part, rows)]
     found.sort(key=lambda s: (s.schema, s.table))
     return found
 

@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 import selfheal
-from selfheal.resync import target_value
+from selfheal.resync import STATUS_TABLES, target_value
 
 from .conftest import lock_key, round_trips, seq_next
 
@@ -249,6 +249,29 @@ class TestCheck:
                 sql.Identifier(s)))
         assert {s.schema for s in selfheal.check(conn, "tenant_1")} == {"tenant_1"}
         assert {s.schema for s in selfheal.check(conn, "tenant%")} == {"tenant_1", "tenant_2"}
+
+    def test_tables_past_one_status_query(self, conn: psycopg.Connection) -> None:
+        """Past `STATUS_TABLES` tables the status is read in several queries of one round
+        trip, and every table, ascending or descending, drifted or not, is told right."""
+        n = STATUS_TABLES + 5
+        conn.execute("CREATE SCHEMA many")
+        conn.execute(sql.SQL("; ").join(
+            sql.SQL("CREATE TABLE many.{} (id serial PRIMARY KEY)").format(
+                sql.Identifier(f"t{i:04d}")) for i in range(n)))
+        conn.execute("CREATE SEQUENCE many.down INCREMENT BY -1 MINVALUE -1000 MAXVALUE -1;"
+                     " CREATE TABLE many.z_down (id int PRIMARY KEY DEFAULT nextval('many.down'));"
+                     " ALTER SEQUENCE many.down OWNED BY many.z_down.id;"
+                     " INSERT INTO many.z_down VALUES (-1), (-2)")
+        drifted = {f"t{i:04d}" for i in (0, 400, n - 1)}
+        for t in drifted:
+            conn.execute(sql.SQL("INSERT INTO many.{} VALUES (7)").format(sql.Identifier(t)))
+        got = selfheal.check(conn, "many")
+        assert len(got) == n + 1
+        assert {s.table for s in got if not s.in_sync} == drifted | {"z_down"}
+        assert {(s.table, s.max_value, s.next_value) for s in got if s.table in drifted} == {
+            (t, 7, 1) for t in drifted}
+        [down] = [s for s in got if s.table == "z_down"]
+        assert (down.min_value, down.max_value, down.next_value) == (-2, None, -1)
 
     def test_constant_round_trips(self, conn: psycopg.Connection, dsn: str) -> None:
         """check's statements do not grow with the number of tables."""
