@@ -10,9 +10,13 @@ drifted), then times, in the same run and on the same server:
   so only those queries are timed;
 - ``selfheal check --jobs 1``: the same connections, one database after another,
   a constant number of round trips per database;
-- ``selfheal check`` with its default ``--jobs``.
+- ``selfheal check`` with its default ``--jobs``;
+- the floor: per database, connect and one hand-written query with every
+  table and sequence name known, as many databases at a time as ``--jobs``.
 
-Each is run REPEAT times after a warm-up; the best time counts. All must find
+After a warm-up, REPEAT rounds run the four one after the other, each round
+in another order; the medians of the times and of each round's ratios count
+(the machine's drifts hit every way alike). All must find
 the same drift. Every network is measured: the server's own address (a Unix
 socket on the same host: no network at all), and for each ``--rtt-ms`` a TCP
 proxy, started in its own process, that holds every packet for half the round
@@ -31,6 +35,7 @@ import argparse
 import os
 import queue
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -121,17 +126,6 @@ def with_selfheal(targets: list[fleet.Target], jobs: int) -> int:
     return sum(len(db.drifted) for db in report.databases)
 
 
-def best_of(repeat: int, fn: Callable[[], int]) -> tuple[float, int]:
-    """The best wall time of `repeat` runs, and what the last run returned."""
-    times = []
-    result = 0
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - started)
-    return min(times), result
-
-
 # -- a delaying proxy (run in its own process, so it does not share our GIL) ------------
 
 
@@ -217,18 +211,42 @@ def round_trip(server: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(server: str, names: list[str], args: argparse.Namespace) -> tuple[float, ...]:
-    """Round trip time, then best times of the three ways over the databases `names`."""
+#: The ways timed, in the order of a round's first turn.
+WAYS = ("per-table", "serial", "parallel", "floor")
+
+
+def measure(server: str, names: list[str], args: argparse.Namespace
+            ) -> tuple[float, dict[str, float], dict[str, float], int]:
+    """Round trip time; then, over `args.repeat` rounds that run the four ways one after
+    the other (each round in another order, so the machine's drifts hit them alike),
+    the median time of each way and the median of each round's ratios."""
     rtt = round_trip(server)
     targets = [fleet.Target(make_conninfo(server, dbname=n), n) for n in names]
     expected = per_table(targets, args.tables)  # warm-up, and the reference answer
     assert with_selfheal(targets, args.jobs) == expected
-    naive, a = best_of(args.repeat, lambda: per_table(targets, args.tables))
-    serial, b = best_of(args.repeat, lambda: with_selfheal(targets, 1))
-    parallel, c = best_of(args.repeat, lambda: with_selfheal(targets, args.jobs))
-    least, d = best_of(args.repeat, lambda: floor(targets, args.tables, args.jobs))
-    assert a == b == c == d == expected, (a, b, c, d, expected)
-    return rtt, naive, serial, parallel, least, expected
+    run: dict[str, Callable[[], int]] = {
+        "per-table": lambda: per_table(targets, args.tables),
+        "serial": lambda: with_selfheal(targets, 1),
+        "parallel": lambda: with_selfheal(targets, args.jobs),
+        "floor": lambda: floor(targets, args.tables, args.jobs),
+    }
+    rounds: list[dict[str, float]] = []
+    for r in range(args.repeat):
+        order = WAYS[r % len(WAYS):] + WAYS[:r % len(WAYS)]
+        times = {}
+        for way in (order if r % 2 == 0 else order[::-1]):
+            started = time.perf_counter()
+            found = run[way]()
+            times[way] = time.perf_counter() - started
+            assert found == expected, (way, found, expected)
+        rounds.append(times)
+    medians = {way: statistics.median(t[way] for t in rounds) for way in WAYS}
+    ratios = {
+        "serial": statistics.median(t["per-table"] / t["serial"] for t in rounds),
+        "parallel": statistics.median(t["per-table"] / t["parallel"] for t in rounds),
+        "floor": statistics.median(t["parallel"] / t["floor"] for t in rounds),
+    }
+    return rtt, medians, ratios, expected
 
 
 def scale(admin: psycopg.Connection[Any], server: str, prefix: str, counts: list[int],
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="selfheal check vs the per-table way")
     parser.add_argument("--databases", type=int, default=120)
     parser.add_argument("--tables", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=fleet.DEFAULT_JOBS)
     parser.add_argument("--rtt-ms", type=float, action="append",
                         help="also measure through a proxy adding this round trip time"
@@ -285,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
         server, server_handle = start_server()
     prefix = f"shbench_{os.getpid()}_"
-    results: list[tuple[str, tuple[float, ...]]] = []
+    results: list[tuple[str, tuple[float, dict[str, float], dict[str, float], int]]] = []
     try:
         with psycopg.connect(server, autocommit=True) as admin:
             version = admin.execute("SHOW server_version").fetchone()
@@ -314,17 +332,19 @@ def main(argv: list[str] | None = None) -> int:
         if server_handle is not None:
             server_handle.cleanup()
 
-    print(f"{args.databases} databases x {args.tables} tables, best of {args.repeat} runs;"
+    print(f"{args.databases} databases x {args.tables} tables, median of {args.repeat}"
+          " interleaved rounds (times, and each round's ratios);"
           f" per-table way: {2 * args.tables} queries per database, selfheal: 1 round trip"
           " (2 for a database whose tables differ from the one before)")
     default = " (default)" if args.jobs == fleet.DEFAULT_JOBS else ""
     print(f"{'network':<36} {'SELECT 1':>9} {'per-table':>10} {'--jobs 1':>16}"
           f" {f'--jobs {args.jobs}{default}':>26} {'floor':>8} {'vs floor':>9}")
-    for label, (rtt, naive, serial, parallel, least, _) in results:
-        print(f"{label:<36} {rtt * 1000:7.2f}ms {naive:9.2f}s {serial:8.2f}s"
-              f" ({naive / serial:4.1f}x) {parallel:17.2f}s ({naive / parallel:4.1f}x)"
-              f" {least:7.2f}s {parallel / least:8.2f}x")
-    print(f"drifted sequences found: {results[0][1][5]:.0f} by every way")
+    for label, (rtt, times, ratios, _) in results:
+        print(f"{label:<36} {rtt * 1000:7.2f}ms {times['per-table']:9.2f}s"
+              f" {times['serial']:8.2f}s ({ratios['serial']:4.1f}x)"
+              f" {times['parallel']:17.2f}s ({ratios['parallel']:4.1f}x)"
+              f" {times['floor']:7.2f}s {ratios['floor']:8.2f}x")
+    print(f"drifted sequences found: {results[0][1][3]} by every way")
     print(f"floor: per database, connect and one hand-written query with the {args.tables}"
           f" table and sequence names known, --jobs {args.jobs} at a time")
     return 0
