@@ -178,20 +178,7 @@ class Planner:
                 v = self._verdict(query, conn)
             if v.session:
                 self.passing.clear()
-            self.explicit = v.writes
-            kind = v.kind
-            if kind is _DEFAULT_KEY and options.protect == "auto":
-                # The hot path: a table verified in sync needs no savepoint.
-                until = self.facts.verified.get(v.key)  # type: ignore[arg-type]
-                if until is not None:
-                    now = time.monotonic()
-                    if until > now:
-                        if until < now + RENEW:
-                            self.facts.renew(v.rel)  # type: ignore[arg-type]
-                        return _PASS
-            elif kind is _QUIET or (kind is _TRIGGERED and self.facts.triggers is False):
-                return _PASS
-            return self._in_transaction(v, options, pipeline)
+            return self._planned_in_transaction(v, options, pipeline)
         if status == _IDLE:
             self.savepoints = 0
             if self.passing:
@@ -255,13 +242,11 @@ class Planner:
         kind = v.kind
         if status == _INTRANS:
             if kind is _DEFAULT_KEY:
-                if options.protect != "auto":
-                    return self.plan(status, autocommit, query, None, options) if (
-                        savepoint) else None
-                until = facts.verified.get(v.key)  # type: ignore[arg-type]
+                until = facts.verified.get(v.key) if (  # type: ignore[arg-type]
+                    options.protect == "auto") else None
                 if until is None or until < time.monotonic() + RENEW:
                     # `plan` renews it, or protects.
-                    return self.plan(status, autocommit, query, None, options) if (
+                    return self._planned_in_transaction(v, options, True) if (
                         savepoint) else None
                 until -= RENEW
             elif kind is _QUIET or (kind is _TRIGGERED and facts.triggers is False):
@@ -355,6 +340,24 @@ class Planner:
             self.savepoints = 0
         elif status == _INTRANS:
             self.savepoints += 1
+
+    def _planned_in_transaction(self, v: Verdict, options: HealOptions, pipeline: bool
+                                ) -> Mode:
+        """`plan` inside a transaction, for the statement judged `v`."""
+        self.explicit = v.writes
+        kind = v.kind
+        if kind is _DEFAULT_KEY and options.protect == "auto":
+            # The hot path: a table verified in sync needs no savepoint.
+            until = self.facts.verified.get(v.key)  # type: ignore[arg-type]
+            if until is not None:
+                now = time.monotonic()
+                if until > now:
+                    if until < now + RENEW:
+                        self.facts.renew(v.rel)  # type: ignore[arg-type]
+                    return _PASS
+        elif kind is _QUIET or (kind is _TRIGGERED and self.facts.triggers is False):
+            return _PASS
+        return self._in_transaction(v, options, pipeline)
 
     def _in_transaction(self, v: Verdict, options: HealOptions, pipeline: bool) -> Mode:
         kind = v.kind

@@ -423,7 +423,7 @@ def _translate(ex: Exception, info: TableInfo) -> errors.SelfhealError:
 
 
 def resync_op(table: str, schema: str | None, lock_timeout: float
-                  ) -> Operation[ResyncResult]:
+              ) -> Operation[ResyncResult]:
     try:
         info = yield from describe(table, schema)
     except _ops.ERRORS as ex:

@@ -46,15 +46,13 @@ from psycopg.pq import PipelineStatus
 from psycopg.rows import Row
 
 from . import _attempt, _drive
-from ._shell import Drive, Flow, _Shell
+from ._shell import _PIPELINES, Drive, Flow, _Shell
 from .heal import HealOptions, Mode
 
 __all__ = ["AsyncHealingConnection", "HealOptions", "HealingConnection"]
 
 _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
-# Whether this libpq has pipelines: then a savepoint travels with its statement.
-_PIPELINES = psycopg.Pipeline.is_supported()
 _EXECUTE = _attempt.EXECUTE
 _COMMIT, _ROLLBACK = _attempt.COMMIT, _attempt.ROLLBACK
 _RV = Any
