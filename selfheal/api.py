@@ -69,7 +69,7 @@ def check(
     try:
         return run(conn, scoped(conn.info.transaction_status, op))
     except psycopg.Error as ex:
-        raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
+        raise _check_failed(ex) from ex
 
 
 def check_readable(
@@ -90,8 +90,8 @@ def check_readable(
     """
     unreadable: list[Unreadable] = []
     op = check_op([schema] if schema else None, tables, exclude_schemas,
-                   unreadable=unreadable, guess=list(guess) if guess else None,
-                   guess_out=guess)
+                  unreadable=unreadable, guess=list(guess) if guess else None,
+                  guess_out=guess)
     try:
         if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
             found = run(conn, op)
@@ -104,8 +104,13 @@ def check_readable(
             + (f" on {', '.join(held)} (locked by another session)" if held else f": {ex}"),
             sqlstate=ex.sqlstate) from ex
     except psycopg.Error as ex:
-        raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
+        raise _check_failed(ex) from ex
     return found, unreadable
+
+
+def _check_failed(ex: psycopg.Error) -> errors.ResyncError:
+    """The error a check raises for the database error `ex` it met."""
+    return errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate)
 
 
 def _locked_tables(conn: psycopg.Connection[Any]) -> list[str]:
@@ -134,4 +139,4 @@ async def acheck(
     try:
         return await arun(aconn, scoped(aconn.info.transaction_status, op))
     except psycopg.Error as ex:
-        raise errors.ResyncError(f"check failed: {ex}", sqlstate=ex.sqlstate) from ex
+        raise _check_failed(ex) from ex
