@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import psycopg
 from psycopg._connection_base import BaseConnection
@@ -37,8 +37,10 @@ __all__ = [
     "COMMIT",
     "COPY",
     "COPY_END",
+    "CURSORS",
     "EXECUTE",
     "EXIT",
+    "Held",
     "ROLLBACK",
     "TX_ENTER",
     "Call",
@@ -46,12 +48,20 @@ __all__ = [
     "call_of",
     "collect",
     "execute_call",
+    "execute_locals",
     "queued",
     "queued_and_collected",
     "savepointed",
     "savepointed_plain",
     "shape",
 ]
+
+#: psycopg's cursor classes, whose ``execute()`` makes one ``_execute_gen`` and waits
+#: for it first of all.
+CURSORS = frozenset({
+    psycopg.Cursor, psycopg.ClientCursor, psycopg.RawCursor,
+    psycopg.AsyncCursor, psycopg.AsyncClientCursor, psycopg.AsyncRawCursor,
+})
 
 #: psycopg's generator of one ``execute()``.
 EXECUTE = BaseCursor._execute_gen.__code__
@@ -199,6 +209,20 @@ def call_of(gen: Any, code: Any = None) -> Call | None:
         return Call(f["self"], f["query"], list(f["params_seq"]), many=True,
                     pipelined=code is _MANY_PIPELINE, returning=f["returning"])
     return None
+
+
+#: What a connection's ``execute()`` tells its ``wait()`` it is about to run:
+#: (whose, cursor, query, params, prepare), the cursor's class one of `CURSORS`.
+Held: TypeAlias = "tuple[object, Any, str, Any, bool | None]"
+
+
+def execute_locals(held: Held | None) -> dict[str, Any]:
+    """The locals `execute_call` reads, from `held`: what the frame of the generator
+    of ``cursor.execute(query, params, prepare=prepare)`` holds."""
+    assert held is not None
+    _, cur, query, params, prepare = held
+    return {"self": cur, "query": query, "params": params, "prepare": prepare,
+            "binary": None}
 
 
 def execute_call(f: dict[str, Any]) -> Call:

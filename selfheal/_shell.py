@@ -76,6 +76,8 @@ class _Shell:
         # Set while selfheal runs the caller's statement or its own: nested
         # waits are served as they are.
         self._selfheal_busy = False
+        # What the connection's own execute() is about to run, for wait().
+        self._selfheal_call: _attempt.Held | None = None
         # The caller's own pipeline() blocks in progress.
         self._selfheal_pipelines = 0
         # An executemany() queued in its own pipeline, healed when psycopg

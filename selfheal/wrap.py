@@ -6,6 +6,9 @@ through ``execute()``, ``cursor().execute()`` and ``executemany()``, whatever
 cursor class or row factory the caller picks: the cursors stay exactly the
 caller's classes, because the protection sits in the connection's ``wait()``,
 through which psycopg runs every cursor operation (see `selfheal._attempt`).
+``wait()`` reads the statement from psycopg's generator, except after the
+connection's own ``execute()``, which hands it over (cheaper than reading a
+generator's frame, and only to the same thread's or task's next ``wait()``).
 What "protect" costs depends on the transaction state the statement runs in:
 
 - autocommit, or a statement that opens the transaction: nothing. The error
@@ -40,9 +43,9 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg.abc import PQGen
+from psycopg.abc import Params, PQGen
 from psycopg.connection import _WAIT_INTERVAL
-from psycopg.pq import PipelineStatus
+from psycopg.pq import Format, PipelineStatus
 from psycopg.rows import Row
 
 from . import _attempt, _drive
@@ -55,6 +58,9 @@ _OFF = PipelineStatus.OFF
 _PASS, _SAVEPOINT = Mode.PASS, Mode.SAVEPOINT
 _EXECUTE = _attempt.EXECUTE
 _COMMIT, _ROLLBACK = _attempt.COMMIT, _attempt.ROLLBACK
+_CURSORS = _attempt.CURSORS
+_NO_TRACEBACK = pgerrors._NO_TRACEBACK
+_BINARY = Format.BINARY
 _RV = Any
 T = TypeVar("T")
 
@@ -76,6 +82,8 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
 
     #: How connections of this class heal; see `HealOptions`.
     selfheal_options: HealOptions = HealOptions()
+    #: Who runs a statement: the thread (`execute` tells `wait`).
+    _selfheal_whose = staticmethod(threading.get_ident)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -87,6 +95,25 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
     def with_options(cls, **options: Any) -> type[HealingConnection[Row]]:
         """A subclass with these `HealOptions`, e.g. for ``connection_class=``."""
         return type(cls.__name__, (cls,), {"selfheal_options": HealOptions(**options)})
+
+    def execute(self, query: Any, params: Params | None = None, *,
+                prepare: bool | None = None, binary: bool = False) -> psycopg.Cursor[Row]:
+        """As `psycopg.Connection.execute`; `wait()` learns the statement from here."""
+        if type(query) is not str:
+            return super().execute(query, params, prepare=prepare, binary=binary)
+        try:
+            cur = self.cursor()
+            if binary:
+                cur.format = _BINARY
+            if type(cur) not in _CURSORS:
+                return cur.execute(query, params, prepare=prepare)
+            self._selfheal_call = (self._selfheal_whose(), cur, query, params, prepare)
+            try:
+                return cur.execute(query, params, prepare=prepare)
+            finally:
+                self._selfheal_call = None
+        except _NO_TRACEBACK as ex:
+            raise ex.with_traceback(None)  # noqa: B904 (as psycopg raises it)
 
     @contextmanager
     def pipeline(self) -> Iterator[psycopg.Pipeline]:
@@ -104,10 +131,17 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         code = getattr(gen, "gi_code", None)
         if code is _EXECUTE and not self._selfheal_busy:
             # The hot path: one execute() that `Planner.quick` lets run as it is.
-            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            held = self._selfheal_call
+            if held is not None and held[0] == self._selfheal_whose():
+                self._selfheal_call = None
+                f = None
+                query = held[2]
+            else:
+                f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+                query = f["query"]
             pgconn = self.pgconn
             mode = self._selfheal_planner.quick(
-                pgconn.transaction_status, self._autocommit, f["query"],
+                pgconn.transaction_status, self._autocommit, query,
                 self.selfheal_options, _PIPELINES) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
@@ -121,8 +155,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
                         _attempt.savepointed(self, gen) if mode is _SAVEPOINT else gen,
                         interval, timeout)
                 except pgerrors.UniqueViolation as ex:
-                    return self._selfheal_run(
-                        self._selfheal_first_failed(ex, _attempt.execute_call(f), mode))
+                    return self._selfheal_run(self._selfheal_first_failed(
+                        ex, _attempt.execute_call(f or _attempt.execute_locals(held)), mode))
+            f = f or _attempt.execute_locals(held)
             return self._selfheal_run(self._selfheal_flow(gen, code, f), interval, timeout)
         if self._selfheal_busy:
             return super().wait(gen, interval, timeout)
@@ -203,6 +238,8 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
     """The async twin of `HealingConnection`, for asyncio and `AsyncConnectionPool`."""
 
     selfheal_options: HealOptions = HealOptions()
+    #: Who runs a statement: the task (`execute` tells `wait`).
+    _selfheal_whose = staticmethod(asyncio.current_task)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -213,6 +250,26 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
     def with_options(cls, **options: Any) -> type[AsyncHealingConnection[Row]]:
         """A subclass with these `HealOptions`, e.g. for ``connection_class=``."""
         return type(cls.__name__, (cls,), {"selfheal_options": HealOptions(**options)})
+
+    async def execute(self, query: Any, params: Params | None = None, *,
+                      prepare: bool | None = None, binary: bool = False
+                      ) -> psycopg.AsyncCursor[Row]:
+        """As `psycopg.AsyncConnection.execute`; `wait()` learns the statement from here."""
+        if type(query) is not str:
+            return await super().execute(query, params, prepare=prepare, binary=binary)
+        try:
+            cur = self.cursor()
+            if binary:
+                cur.format = _BINARY
+            if type(cur) not in _CURSORS:
+                return await cur.execute(query, params, prepare=prepare)
+            self._selfheal_call = (self._selfheal_whose(), cur, query, params, prepare)
+            try:
+                return await cur.execute(query, params, prepare=prepare)
+            finally:
+                self._selfheal_call = None
+        except _NO_TRACEBACK as ex:
+            raise ex.with_traceback(None)  # noqa: B904 (as psycopg raises it)
 
     @asynccontextmanager
     async def pipeline(self) -> AsyncIterator[psycopg.AsyncPipeline]:
@@ -230,10 +287,17 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         code = getattr(gen, "gi_code", None)
         if code is _EXECUTE and not self._selfheal_busy:
             # The hot path: one execute() that `Planner.quick` lets run as it is.
-            f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+            held = self._selfheal_call
+            if held is not None and held[0] == self._selfheal_whose():
+                self._selfheal_call = None
+                f = None
+                query = held[2]
+            else:
+                f = gen.gi_frame.f_locals  # type: ignore[attr-defined]
+                query = f["query"]
             pgconn = self.pgconn
             mode = self._selfheal_planner.quick(
-                pgconn.transaction_status, self._autocommit, f["query"],
+                pgconn.transaction_status, self._autocommit, query,
                 self.selfheal_options, _PIPELINES) if pgconn.pipeline_status == _OFF else None
             if mode is _PASS:
                 try:
@@ -247,8 +311,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                         _attempt.savepointed(self, gen) if mode is _SAVEPOINT else gen,
                         interval, timeout)
                 except pgerrors.UniqueViolation as ex:
-                    return await self._selfheal_run(
-                        self._selfheal_first_failed(ex, _attempt.execute_call(f), mode))
+                    return await self._selfheal_run(self._selfheal_first_failed(
+                        ex, _attempt.execute_call(f or _attempt.execute_locals(held)), mode))
+            f = f or _attempt.execute_locals(held)
             return await self._selfheal_run(self._selfheal_flow(gen, code, f), interval,
                                             timeout)
         if self._selfheal_busy:

@@ -462,6 +462,65 @@ class TestCost:
         assert reads.count == 1
 
 
+class TestExecuteTellsWait:
+    """``conn.execute()`` hands its statement to ``wait()`` (no read of psycopg's
+    generator frame): only to the same thread's next wait, never to another's."""
+
+    def test_another_threads_statement_is_not_taken(self, conn: psycopg.Connection,
+                                                    hconn: HealingConnection) -> None:
+        make_drifted(conn)
+        other = hconn.cursor()
+        hconn._selfheal_call = (threading.get_ident() + 1, other,
+                                "INSERT INTO payments (note) VALUES ('wrong') RETURNING note",
+                                None, None)
+        cur = hconn.cursor()
+        cur.execute("INSERT INTO payments (note) VALUES ('right') RETURNING note")
+        assert cur.fetchone() == ("right",)  # healed and retried from its own frame
+        assert conn.execute(
+            "SELECT array_agg(note) FROM payments WHERE note <> 'seed'").fetchone() == (
+            ["right"],)
+
+    def test_nothing_left_behind(self, conn: psycopg.Connection,
+                                 hconn: HealingConnection) -> None:
+        make_drifted(conn)
+        assert hconn.execute("INSERT INTO payments (note) VALUES ('a') RETURNING id"
+                             ).fetchone() == (13,)
+        assert hconn._selfheal_call is None
+        with pytest.raises(pgerrors.UndefinedTable):
+            hconn.execute("INSERT INTO nosuch (note) VALUES ('a')")
+        assert hconn._selfheal_call is None
+
+    def test_threads_sharing_a_connection(self, conn: psycopg.Connection,
+                                          hconn: HealingConnection) -> None:
+        """8 threads on one connection, inserts into a table 100 behind: every cursor
+        gets its own row back, every row lands once."""
+        make_drifted(conn, 100)
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(8)
+
+        def writer(i: int) -> None:
+            try:
+                barrier.wait()
+                for j in range(25):
+                    note = f"{i}-{j}"
+                    row = hconn.execute(
+                        "INSERT INTO payments (note) VALUES (%s) RETURNING note", (note,)
+                    ).fetchone()
+                    assert row == (note,)
+            except BaseException as ex:
+                errors.append(ex)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert conn.execute(
+            "SELECT count(*), count(DISTINCT id), count(DISTINCT note) FROM payments"
+        ).fetchone() == (300, 300, 201)
+
+
 class TestConcurrency:
     def test_storm(self, conn: psycopg.Connection, dsn: str) -> None:
         """24 threads x 20 inserts on a table 500 behind: zero errors, one effective heal."""

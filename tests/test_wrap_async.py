@@ -125,6 +125,47 @@ class TestAsyncConcurrency:
         assert conn.execute("SELECT count(*) FROM payments").fetchone() == (13,)
 
 
+class TestAsyncExecuteTellsWait:
+    async def test_another_tasks_statement_is_not_taken(self, conn: psycopg.Connection,
+                                                        dsn: str) -> None:
+        """``execute()`` hands its statement to the same task's ``wait()`` only."""
+        make_drifted(conn)
+        async with await AsyncHealingConnection.connect(dsn, autocommit=True) as ac:
+            other = ac.cursor()
+            ac._selfheal_call = (
+                asyncio.get_running_loop().create_future(), other,
+                "INSERT INTO payments (note) VALUES ('wrong') RETURNING note", None, None)
+            cur = ac.cursor()
+            await cur.execute("INSERT INTO payments (note) VALUES ('right') RETURNING note")
+            assert await cur.fetchone() == ("right",)
+            assert ac._selfheal_call is not None  # not its own: left alone
+            ac._selfheal_call = None
+            assert await (await ac.execute("SELECT 1")).fetchone() == (1,)
+            assert ac._selfheal_call is None
+        assert conn.execute(
+            "SELECT array_agg(note) FROM payments WHERE note <> 'seed'").fetchone() == (
+            ["right"],)
+
+    async def test_tasks_sharing_a_connection(self, conn: psycopg.Connection,
+                                              dsn: str) -> None:
+        """8 tasks on one connection, inserts into a table 100 behind: every cursor gets
+        its own row back, every row lands once."""
+        make_drifted(conn, 100)
+        async with await AsyncHealingConnection.connect(dsn, autocommit=True) as ac:
+
+            async def writer(i: int) -> None:
+                for j in range(25):
+                    note = f"{i}-{j}"
+                    cur = await ac.execute(
+                        "INSERT INTO payments (note) VALUES (%s) RETURNING note", (note,))
+                    assert await cur.fetchone() == (note,)
+
+            await asyncio.gather(*(writer(i) for i in range(8)))
+        assert conn.execute(
+            "SELECT count(*), count(DISTINCT id), count(DISTINCT note) FROM payments"
+        ).fetchone() == (300, 300, 201)
+
+
 class TestTwins:
     @pytest.mark.parametrize(
         ("sync", "async_"),
@@ -144,7 +185,7 @@ class TestTwins:
 
         assert public(sync) == public(async_)
 
-    @pytest.mark.parametrize("method", ["wait", "_selfheal_run"])
+    @pytest.mark.parametrize("method", ["execute", "wait", "_selfheal_run"])
     def test_same_code(self, method: str) -> None:
         """What the sync and async classes still write twice (the hot path, and the
         loop that serves `selfheal._shell`'s flows) reads the same but for ``await``."""
