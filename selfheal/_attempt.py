@@ -49,6 +49,7 @@ __all__ = [
     "collect",
     "execute_call",
     "execute_locals",
+    "runs_psycopgs_execute",
     "queued",
     "queued_and_collected",
     "savepointed",
@@ -214,6 +215,17 @@ def call_of(gen: Any, code: Any = None) -> Call | None:
 #: What a connection's ``execute()`` tells its ``wait()`` it is about to run:
 #: (whose, cursor, query, params, prepare), the cursor's class one of `CURSORS`.
 Held: TypeAlias = "tuple[object, Any, str, Any, bool | None]"
+
+
+def runs_psycopgs_execute(cls: type, shell: type, connection: type) -> bool:
+    """Whether ``super().execute()`` in `shell` reaches `connection`'s own (psycopg's)
+    in `cls`'s MRO: no class mixed in after `shell` has an ``execute()`` of its own
+    that `shell`'s must call."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(shell) + 1:]:
+        if "execute" in vars(klass):
+            return klass is connection
+    return False
 
 
 def execute_locals(held: Held | None) -> dict[str, Any]:

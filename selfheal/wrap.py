@@ -82,6 +82,9 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
 
     #: How connections of this class heal; see `HealOptions`.
     selfheal_options: HealOptions = HealOptions()
+    #: `execute` tells `wait` its statement: psycopg's ``execute()`` is the next one
+    #: (no class mixed in after this one has its own).
+    _selfheal_own_execute = True
     #: Who runs a statement: the thread (`execute` tells `wait`).
     _selfheal_whose = staticmethod(threading.get_ident)
 
@@ -91,6 +94,11 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
         # A heal runs statements while the caller's cursor holds the lock.
         self.lock = threading.RLock()  # type: ignore[assignment]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._selfheal_own_execute = _attempt.runs_psycopgs_execute(
+            cls, HealingConnection, psycopg.Connection)
+
     @classmethod
     def with_options(cls, **options: Any) -> type[HealingConnection[Row]]:
         """A subclass with these `HealOptions`, e.g. for ``connection_class=``."""
@@ -99,7 +107,7 @@ class HealingConnection(_Shell, psycopg.Connection[Row]):
     def execute(self, query: Any, params: Params | None = None, *,
                 prepare: bool | None = None, binary: bool = False) -> psycopg.Cursor[Row]:
         """As `psycopg.Connection.execute`; `wait()` learns the statement from here."""
-        if type(query) is not str:
+        if type(query) is not str or not self._selfheal_own_execute:
             return super().execute(query, params, prepare=prepare, binary=binary)
         try:
             cur = self.cursor()
@@ -238,6 +246,9 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
     """The async twin of `HealingConnection`, for asyncio and `AsyncConnectionPool`."""
 
     selfheal_options: HealOptions = HealOptions()
+    #: `execute` tells `wait` its statement: psycopg's ``execute()`` is the next one
+    #: (no class mixed in after this one has its own).
+    _selfheal_own_execute = True
     #: Who runs a statement: the task (`execute` tells `wait`).
     _selfheal_whose = staticmethod(asyncio.current_task)
 
@@ -245,6 +256,11 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
         super().__init__(*args, **kwargs)
         self._selfheal_init()
         self.lock = _TaskLock()  # type: ignore[assignment]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._selfheal_own_execute = _attempt.runs_psycopgs_execute(
+            cls, AsyncHealingConnection, psycopg.AsyncConnection)
 
     @classmethod
     def with_options(cls, **options: Any) -> type[AsyncHealingConnection[Row]]:
@@ -255,7 +271,7 @@ class AsyncHealingConnection(_Shell, psycopg.AsyncConnection[Row]):
                       prepare: bool | None = None, binary: bool = False
                       ) -> psycopg.AsyncCursor[Row]:
         """As `psycopg.AsyncConnection.execute`; `wait()` learns the statement from here."""
-        if type(query) is not str:
+        if type(query) is not str or not self._selfheal_own_execute:
             return await super().execute(query, params, prepare=prepare, binary=binary)
         try:
             cur = self.cursor()

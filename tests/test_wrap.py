@@ -462,6 +462,32 @@ class TestCost:
         assert reads.count == 1
 
 
+    def test_an_execute_mixin_is_called(self, conn: psycopg.Connection, dsn: str) -> None:
+        """A connection class mixed in after HealingConnection with its own execute()
+        still has it called by ``conn.execute()``, and the collision still heals."""
+        seen: list[str] = []
+
+        class Logging(psycopg.Connection):  # type: ignore[type-arg]
+            def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+                seen.append(query)
+                return super().execute(query, *args, **kwargs)
+
+        class Logged(HealingConnection, Logging):  # type: ignore[type-arg, misc]
+            pass
+
+        class Plain(HealingConnection):  # type: ignore[type-arg]
+            pass
+
+        assert Plain._selfheal_own_execute and not Logged._selfheal_own_execute
+        make_drifted(conn)
+        with Logged.connect(dsn) as hc:
+            hc.execute("SELECT 1")
+            row = hc.execute("INSERT INTO payments (note) VALUES ('m') RETURNING id").fetchone()
+            assert row == (13,)
+            hc.commit()
+        assert seen == ["SELECT 1", "INSERT INTO payments (note) VALUES ('m') RETURNING id"]
+
+
 class TestExecuteTellsWait:
     """``conn.execute()`` hands its statement to ``wait()`` (no read of psycopg's
     generator frame): only to the same thread's next wait, never to another's."""
