@@ -19,9 +19,9 @@ moves its times by more than what is measured.
 Shapes: a pgbench-style TPC-B transaction (3 UPDATE, SELECT, INSERT into a
 bigserial history); an ORM request (SELECT, INSERT ... RETURNING into a
 serial table, UPDATE); an insert-only transaction (20 default-id inserts);
-the same into a table known to be drifted (it collided and was healed: at
-risk, so every insert is protected);
-and a single-row insert in autocommit.
+the same through one cursor held across them (`insert-cursor`); the same
+into a table known to be drifted (it collided and was healed: at risk, so
+every insert is protected); and a single-row insert in autocommit.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class Psycopg2:
         cur = self.conn.cursor()
         cur.execute(query, params)
         return cur
+
+    def cursor(self) -> Any:
+        return self.conn.cursor()
 
     def commit(self) -> None:
         self.conn.commit()
@@ -129,6 +132,21 @@ def inserts(table: str) -> Callable[[Conn, random.Random], None]:
     return run
 
 
+def cursor_inserts(table: str) -> Callable[[Conn, random.Random], None]:
+    """The insert-only shape through one cursor held across the statements, as code
+    that keeps a cursor runs them (selfheal reads each statement from psycopg's
+    generator there; ``conn.execute()`` hands it over)."""
+    query = sql.SQL("INSERT INTO {} (v) VALUES (%s)").format(sql.Identifier(table)).as_string()
+
+    def run(conn: Conn, rng: random.Random) -> None:
+        cur = conn.cursor()
+        for i in range(20):
+            cur.execute(query, (i,))
+        conn.commit()
+
+    return run
+
+
 def autocommit_insert(conn: Conn, rng: random.Random) -> None:
     conn.execute("INSERT INTO items (v) VALUES (%s)", (1,))
 
@@ -147,6 +165,7 @@ SHAPES: dict[str, tuple[Callable[[Conn, random.Random], None], bool]] = {
     "tpcb": (tpcb, False),
     "orm": (orm, False),
     "insert-only": (inserts("items"), False),
+    "insert-cursor": (cursor_inserts("items"), False),
     "drifted": (inserts("drifted"), False),
     "autocommit": (autocommit_insert, True),
 }
