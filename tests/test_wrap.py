@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -521,27 +522,19 @@ class TestExecuteTellsWait:
         """8 threads on one connection, inserts into a table 100 behind: every cursor
         gets its own row back, every row lands once."""
         make_drifted(conn, 100)
-        errors: list[BaseException] = []
         barrier = threading.Barrier(8)
 
         def writer(i: int) -> None:
-            try:
-                barrier.wait()
-                for j in range(25):
-                    note = f"{i}-{j}"
-                    row = hconn.execute(
-                        "INSERT INTO payments (note) VALUES (%s) RETURNING note", (note,)
-                    ).fetchone()
-                    assert row == (note,)
-            except BaseException as ex:
-                errors.append(ex)
+            barrier.wait()
+            for j in range(25):
+                note = f"{i}-{j}"
+                row = hconn.execute(
+                    "INSERT INTO payments (note) VALUES (%s) RETURNING note", (note,)
+                ).fetchone()
+                assert row == (note,)
 
-        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(writer, range(8)))  # raises what a writer raised
         assert conn.execute(
             "SELECT count(*), count(DISTINCT id), count(DISTINCT note) FROM payments"
         ).fetchone() == (300, 300, 201)
